@@ -1,0 +1,91 @@
+"""The cascade plan: stages (who teaches whom) and the steps each stage runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from ckd_ray.config.base import Section
+from ckd_ray.losses.config import LossConfig
+from ckd_ray.train.config import StepKind
+
+# Freeze policy of each step type (seed 001): the vision tower is always frozen.
+STEP_FREEZE: dict[str, str] = {"PT": "connector", "FT": "connector+llm", "DPT": "connector", "SFT": "connector+llm", "DFT": "connector+llm"}
+DISTILLATION_STEPS = ("DPT", "DFT")
+CAPTION_STEPS = ("PT", "DPT")
+
+
+class StepConfig(Section):
+    """One training step of a stage. In YAML a bare step name ("DPT") means all defaults."""
+
+    kind: StepKind
+    """PT / FT (teacher preparation, task loss), DPT / DFT (distillation), SFT (task loss)."""
+    lr: float | None = Field(None, gt=0.0)
+    """Overrides trainer.lr for this step."""
+    epochs: float | None = Field(None, gt=0.0)
+    """Overrides trainer.epochs for this step."""
+    max_steps: int | None = Field(None, ge=1)
+    """Overrides trainer.max_steps for this step."""
+    loss: LossConfig | None = None
+    """Overrides the stage's loss for this step."""
+
+
+class StageConfig(Section):
+    """A stage: `teacher` distills into `learner` through `steps`. No teacher = plain training."""
+
+    name: str | None = None
+    """Label in the manifest and report (default: '<teacher>-><learner>')."""
+    learner: str = "student"
+    """Role (a key of `models`) that trains in this stage."""
+    teacher: str | None = None
+    """Role that teaches; its trained checkpoint is used when teacher preparation ran."""
+    steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(kind=k) for k in ("DPT", "SFT", "DFT")])
+    """Steps in order (default LLaVA-KD: DPT, SFT, DFT)."""
+    hop_levels: list[int] | None = None
+    """Curriculum filter on instruction data: the hop levels this stage trains on (None = all)."""
+    loss: LossConfig | None = None
+    """Overrides the job's `loss` for this stage's distillation steps."""
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _bare_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"kind": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"{self.teacher}->{self.learner}" if self.teacher else f"{self.learner}-alone")
+
+
+class CascadeConfig(Section):
+    """The plan of a job: teacher preparation, then the stages in order."""
+
+    prepare_teachers: bool = True
+    """Train each teacher role without distillation (TinyLLaVA recipe) before it teaches."""
+    teacher_prep_steps: list[StepKind] = ["PT", "FT"]
+    """Steps of teacher preparation."""
+    stages: list[StageConfig] = Field(default_factory=list)
+    """Stages in order; the learner's checkpoint is handed from each stage to the next."""
+
+
+def default_weights(kind: str):
+    """Seed 001: PT/FT/SFT train on the task loss alone; DPT and DFT use the LLaVA-KD loss
+    task + output + visual_kl + visual_relation, all weights 1."""
+    from ckd_ray.losses.config import LossWeights
+
+    if kind in DISTILLATION_STEPS:
+        return LossWeights(task=1.0, output=1.0, visual_kl=1.0, visual_relation=1.0)
+    return LossWeights(task=1.0)
+
+
+def effective_loss(job_loss: LossConfig, stage: StageConfig, step: StepConfig) -> LossConfig:
+    """The loss a step trains with: the step's override, else the stage's, else the job's; the
+    weights default to the step type's (non-distillation steps always use the task loss alone)."""
+    chosen = step.loss or stage.loss or job_loss
+    if step.kind not in DISTILLATION_STEPS:
+        return chosen.model_copy(update={"weights": default_weights(step.kind)})
+    if chosen.weights is None:
+        return chosen.model_copy(update={"weights": default_weights(step.kind)})
+    return chosen

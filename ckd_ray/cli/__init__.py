@@ -1,0 +1,25 @@
+"""The `ckd-ray` command line: thin commands that parse, build, run and clean up."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckd_ray")
+def main() -> None:
+    """Cascaded knowledge distillation of vision-language models on Ray."""
+
+
+def _register() -> None:
+    from ckd_ray.cli import config as config_cli
+
+    main.add_command(config_cli.config)
+    try:
+        from ckd_ray.cli import data as data_cli
+    except ImportError:  # the data commands are optional while the package is being built
+        return
+    main.add_command(data_cli.data)
+
+
+_register()

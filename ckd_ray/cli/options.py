@@ -1,0 +1,26 @@
+"""Options shared by the commands that take a job config."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ckd_ray.config import ConfigError, JobConfig, load_config
+
+
+def config_options(func):
+    func = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set trainer.max_steps=20 (repeatable; values are YAML).",
+    )(func)
+    return click.argument("config_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))(func)
+
+
+def load_or_exit(config_paths, overrides) -> JobConfig:
+    """The validated config, or every problem printed and exit code 2, before any Ray work."""
+    try:
+        return load_config(list(config_paths), list(overrides))
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)

@@ -1,0 +1,211 @@
+"""YAML files + `--set a.b=c` overrides -> a validated JobConfig, or one error listing every
+problem (field, what is wrong, how to fix it) before any cluster work starts."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ckd_ray.config.job import JobConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: the dotted field, what is wrong, and how to fix it."""
+
+    field: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" + (f" -> fix: {self.fix}" if self.fix else "")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, raised once."""
+
+    def __init__(self, problems: list[Problem], source: str = "config"):
+        self.problems = problems
+        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {source}:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config as a dict. `extends: other.yaml` (relative to the file) is read first and
+    this file's keys are deep-merged over it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(path), "file not found", "give the path of a YAML file (see configs/)")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(str(path), f"not valid YAML: {exc}", "fix the YAML syntax")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(str(path), "top level is not a mapping", "write `key: value` pairs")])
+    parent = data.pop("extends", None)
+    if parent:
+        data = deep_merge(read_yaml(path.parent / parent), data)
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Applies `a.b.c=value` in place; the value is parsed as YAML (`3` is an int, `[1, 2]` a
+    list, `null` None); list items are addressed by index (`cascade.stages.0.teacher=ta`)."""
+    if "=" not in assignment:
+        raise ConfigError([Problem(assignment, "override is not of the form key=value", "write --set a.b=value")])
+    dotted, _, text = assignment.partition("=")
+    parts = dotted.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError([Problem(".".join(parts[: i + 1]), f"no list item {part!r}", f"use an index below {len(node)}")])
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError([Problem(".".join(parts[: i + 1]), "is a value, not a section", "override the value itself")])
+    value = yaml.safe_load(text) if text.strip() else None
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ()) -> JobConfig:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    raw: dict = {}
+    for path in paths:
+        raw = deep_merge(raw, read_yaml(path))
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_config(raw, source=", ".join(str(p) for p in paths) or "config")
+
+
+def validate_config(raw: dict, source: str = "config") -> JobConfig:
+    """Validates each top-level section on its own (so one bad section does not hide another's
+    problems), then checks the sections against each other."""
+    from ckd_ray.config.checks import check_consistency
+
+    problems: list[Problem] = []
+    sections: dict[str, Any] = {}
+    fields = JobConfig.model_fields
+    for key in raw:
+        if key not in fields:
+            problems.append(_unknown_key(key, list(fields)))
+    for name, field in fields.items():
+        if name not in raw:
+            continue
+        try:
+            # Only this section is given; the others take their defaults.
+            sections[name] = getattr(JobConfig.model_validate({name: raw[name]}), name)
+        except ValidationError as exc:
+            problems += _problems_from(exc)
+    if not problems:
+        config = JobConfig.model_validate(raw)
+        problems += check_consistency(config)
+        if not problems:
+            return config
+    else:
+        # Cross-section checks still run on the sections that did validate.
+        partial = JobConfig.model_construct(**{**_defaults(), **sections})
+        problems += check_consistency(partial, valid_sections=set(sections) | (set(fields) - set(raw)))
+    raise ConfigError(problems, source)
+
+
+def _defaults() -> dict[str, Any]:
+    return {name: getattr(JobConfig(), name) for name in JobConfig.model_fields}
+
+
+def _problems_from(exc: ValidationError, prefix: tuple = ()) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        loc = prefix + loc if loc[: len(prefix)] != prefix else loc
+        field = ".".join(str(p) for p in loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(JobConfig, loc[:-1])
+            known = list(parent.model_fields) if parent else []
+            problems.append(_unknown_key(field, known, str(loc[-1])))
+        elif kind == "value_error":
+            message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
+            what, sep, fix = message.partition(": ")
+            problems.append(Problem(field, what if sep else message, fix))
+        elif kind == "missing":
+            problems.append(Problem(field, "required but not set", f"add `{loc[-1]}`"))
+        else:
+            got = err.get("input")
+            problems.append(Problem(field, f"{err['msg'].lower()} (got {got!r})", _fix_for(kind, err)))
+    return problems
+
+
+def _fix_for(kind: str, err: dict) -> str:
+    ctx = err.get("ctx", {})
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"give a value {err['msg'].removeprefix('Input should be ')}"
+    if kind == "literal_error":
+        return f"use one of {ctx.get('expected')}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"give a {kind.split('_')[0]}" if kind.split("_")[0] in ("int", "float", "bool", "string", "list", "dict") else "give a value of the documented type"
+    return ""
+
+
+def _unknown_key(field: str, known: list[str], key: str | None = None) -> Problem:
+    key = key or field
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    fix = f"did you mean `{close[0]}`?" if close else f"remove it; known keys: {', '.join(known)}"
+    return Problem(field, "unknown key", fix)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The config class found by walking `loc` (field names, dict keys, list indices) from `model`."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                return None
+            current = current.model_fields[part].annotation
+        else:
+            origin, args = typing.get_origin(current), typing.get_args(current)
+            if origin in (list, tuple) and args:
+                current = args[0]
+            elif origin is dict and args:
+                current = args[1]
+            else:
+                return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strips Optional / unions down to their one model type."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        others = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(models) == 1:
+            return models[0]
+        if len(others) == 1:
+            return others[0]
+    return annotation

@@ -1,0 +1,48 @@
+"""What a teacher adds to each batch, and how its actor pool is sized and placed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ckd_ray.config.base import Section
+
+
+class SignalSpec(Section):
+    """The compressed teacher signal requested for a step. Everything here crosses the object
+    store per sample, so request only what the active loss terms read."""
+
+    response_top_k: int = Field(64, ge=0)
+    """Top-k teacher logits (+ tail log-mass) per response position, for `output`; 0 = not sent."""
+    visual_top_k: int = Field(64, ge=0)
+    """Top-k teacher logits (+ tail log-mass) per visual position, for `visual_kl`; 0 = not sent."""
+    gram: bool = True
+    """Send the teacher's visual Gram matrix Z Z^T, for `visual_relation`."""
+    feature_layers: list[int] = []
+    """Teacher hidden-state indices sent for `feature` (0 = embeddings, i = after block i)."""
+    attention_layers: list[int] = []
+    """Teacher layers whose cross-modal attention (text queries -> visual keys) is sent, for `attention`."""
+    attention_head_groups: int = Field(1, ge=1)
+    """Teacher heads are averaged into this many groups before sending (1 = head mean)."""
+    facts: bool = False
+    """Send the teacher's distribution over each sample's candidate facts, for `knowledge`."""
+    value_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype of logits, Gram, attention and features on the wire."""
+
+
+class TeacherPoolConfig(Section):
+    """One Ray actor pool per teacher; only the current stage's pool is alive."""
+
+    num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs per teacher actor (fractions share a GPU)."""
+    num_cpus: float = Field(1.0, gt=0.0)
+    """CPUs per teacher actor."""
+    min_actors: int = Field(1, ge=1)
+    """Actors the pool starts with."""
+    max_actors: int = Field(1, ge=1)
+    """Actors the pool may grow to under load."""
+    batch_size: int = Field(16, ge=1)
+    """Samples per teacher forward."""
+    max_task_retries: int = Field(3, ge=0)
+    """Times a batch is retried when its actor dies (the actor is replaced)."""

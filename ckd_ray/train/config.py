@@ -1,0 +1,50 @@
+"""The student worker group: Ray Train + DeepSpeed settings shared by every step."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ckd_ray.config.base import Section
+
+StepKind = Literal["PT", "FT", "DPT", "SFT", "DFT"]
+# Seed 001 (LLaVA-KD settings): DPT lr 1e-3, SFT/DFT 2e-5; TinyLLaVA PT/FT the same per phase.
+DEFAULT_LR: dict[str, float] = {"PT": 1e-3, "FT": 2e-5, "DPT": 1e-3, "SFT": 2e-5, "DFT": 2e-5}
+
+
+class TrainerConfig(Section):
+    """How the student trains: worker group size, DeepSpeed, optimizer schedule, reporting."""
+
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); false trains on CPU with gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """Logical CPUs each worker reserves."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU (fp16 is not supported on CPU)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Samples per worker per forward."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Gradient-norm clip; 0 disables."""
+    lr: dict[StepKind, float] = dict(DEFAULT_LR)
+    """Peak learning rate per step type (AdamW, cosine decay after warm-up)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Fraction of a step's optimizer steps spent warming up linearly (seed 001: 3e-2)."""
+    epochs: float = Field(1.0, gt=0.0)
+    """Passes over the step's data (fractions allowed)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop a step after this many optimizer steps (overrides epochs when smaller)."""
+    report_every: int = Field(10, ge=1)
+    """Optimizer steps between metric reports."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts from the last checkpoint before the step fails."""
