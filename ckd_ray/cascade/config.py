@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ckd_ray.config.base import Section
 from ckd_ray.losses.config import LossConfig
@@ -59,15 +59,33 @@ class StageConfig(Section):
         return self.name or (f"{self.teacher}->{self.learner}" if self.teacher else f"{self.learner}-alone")
 
 
-class CascadeConfig(Section):
-    """The plan of a job: teacher preparation, then the stages in order."""
+PLAN_NAMES = ("bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end")
 
+
+class CascadeConfig(Section):
+    """The plan of a job: teacher preparation, then the stages in order. Either name a `plan`
+    (expanded into stages with the roles `student`, `ta`, `teacher`) or list `stages`."""
+
+    plan: Literal["bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end"] | None = None
+    """A named plan: bottom_up (LLaVA-CKD: TA->S, then T->S), single_teacher (LLaVA-KD: T->S),
+    top_down (T->TA, then TA->S), student_only (TinyLLaVA: PT, FT), progressive (seed 000: T->S
+    over hop levels 0, <=1, all), end_to_end (seed 000's baseline: T->S on all levels at once)."""
     prepare_teachers: bool = True
     """Train each teacher role without distillation (TinyLLaVA recipe) before it teaches."""
     teacher_prep_steps: list[StepKind] = ["PT", "FT"]
     """Steps of teacher preparation."""
     stages: list[StageConfig] = Field(default_factory=list)
     """Stages in order; the learner's checkpoint is handed from each stage to the next."""
+
+    @model_validator(mode="after")
+    def _plan_or_stages(self) -> "CascadeConfig":
+        if self.plan and self.stages:
+            raise ValueError("both `plan` and `stages` are set: keep one (a plan expands into stages)")
+        return self
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """The stages to run: the listed ones, or the named plan's."""
+        return self.stages if not self.plan else plan_stages(self.plan)
 
 
 def default_weights(kind: str):
@@ -89,3 +107,26 @@ def effective_loss(job_loss: LossConfig, stage: StageConfig, step: StepConfig) -
     if chosen.weights is None:
         return chosen.model_copy(update={"weights": default_weights(step.kind)})
     return chosen
+
+
+def plan_stages(plan: str) -> list[StageConfig]:
+    """The stages of a named plan (seed 001's method and baselines, seed 000's curriculum)."""
+    kd = ["DPT", "SFT", "DFT"]
+    if plan == "bottom_up":
+        return [StageConfig(teacher="ta", steps=kd), StageConfig(teacher="teacher", steps=kd)]
+    if plan == "single_teacher":
+        return [StageConfig(teacher="teacher", steps=kd)]
+    if plan == "top_down":
+        return [StageConfig(learner="ta", teacher="teacher", steps=kd), StageConfig(teacher="ta", steps=kd)]
+    if plan == "student_only":
+        return [StageConfig(steps=["PT", "FT"])]
+    if plan == "progressive":
+        # Stage 1 aligns on hop-0 questions (no external facts), then single-hop, then multi-hop.
+        return [
+            StageConfig(name="progressive-1-hop0", teacher="teacher", steps=["DPT", "SFT", "DFT"], hop_levels=[0]),
+            StageConfig(name="progressive-2-hop1", teacher="teacher", steps=["DFT"], hop_levels=[0, 1]),
+            StageConfig(name="progressive-3-hop2", teacher="teacher", steps=["DFT"], hop_levels=[0, 1, 2]),
+        ]
+    if plan == "end_to_end":
+        return [StageConfig(name="end-to-end", teacher="teacher", steps=["DPT", "SFT", "DFT", "DFT", "DFT"])]
+    raise ValueError(f"unknown plan {plan!r}: use one of {PLAN_NAMES}")

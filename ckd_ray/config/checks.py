@@ -32,25 +32,31 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
     return problems
 
 
+def _stages(config: JobConfig):
+    """(index, stage, field prefix) of every stage, listed or expanded from a named plan."""
+    for i, stage in enumerate(config.cascade.resolved_stages()):
+        yield i, stage, (f"cascade.plan[{config.cascade.plan}].stage{i}" if config.cascade.plan else f"cascade.stages.{i}")
+
+
 def _check_roles(config: JobConfig) -> list[Problem]:
     problems = []
     roles = list(config.models)
     if "student" not in config.models:
         problems.append(Problem("models.student", "no student model", "add models.student (e.g. `preset: tiny-student`)"))
-    for i, stage in enumerate(config.cascade.stages):
+    for i, stage, at in _stages(config):
         for attr in ("learner", "teacher"):
             role = getattr(stage, attr)
             if role is not None and role not in config.models:
                 close = difflib.get_close_matches(role, roles, n=1)
                 fix = f"did you mean `{close[0]}`?" if close else f"add models.{role} or use one of {roles}"
-                problems.append(Problem(f"cascade.stages.{i}.{attr}", f"role {role!r} is not in models", fix))
+                problems.append(Problem(f"{at}.{attr}", f"role {role!r} is not in models", fix))
         if stage.teacher is not None and stage.teacher == stage.learner:
-            problems.append(Problem(f"cascade.stages.{i}.teacher", "a model cannot teach itself", "name another role"))
+            problems.append(Problem(f"{at}.teacher", "a model cannot teach itself", "name another role"))
         for j, step in enumerate(stage.steps):
             if step.kind in DISTILLATION_STEPS and stage.teacher is None:
                 problems.append(
-                    Problem(f"cascade.stages.{i}.steps.{j}", f"{step.kind} distills but the stage has no teacher",
-                            f"set cascade.stages.{i}.teacher, or use SFT/FT for plain training")
+                    Problem(f"{at}.steps.{j}", f"{step.kind} distills but the stage has no teacher",
+                            f"set {at}.teacher, or use SFT/FT for plain training")
                 )
     return problems
 
@@ -60,12 +66,12 @@ def _check_signal(config: JobConfig) -> list[Problem]:
     signal = config.signal
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
-    for i, stage in enumerate(config.cascade.stages):
+    for i, stage, at in _stages(config):
         for j, step in enumerate(stage.steps):
             if step.kind not in DISTILLATION_STEPS:
                 continue
             loss = effective_loss(config.loss, stage, step)
-            where = f"cascade.stages.{i}.steps.{j}" if step.loss else (f"cascade.stages.{i}.loss" if stage.loss else "loss")
+            where = f"{at}.steps.{j}" if step.loss else (f"{at}.loss" if stage.loss else "loss")
             for term in loss.weights.active():
                 message = _missing_signal(term, loss, signal)
                 if message and (where, term) not in seen:
@@ -121,13 +127,13 @@ def _model_size(spec) -> int | None:
 
 def _check_sizes(config: JobConfig) -> list[Problem]:
     problems = []
-    for i, stage in enumerate(config.cascade.stages):
+    for i, stage, at in _stages(config):
         if stage.teacher is None or stage.teacher not in config.models or stage.learner not in config.models:
             continue
         learner, teacher = _model_size(config.models[stage.learner]), _model_size(config.models[stage.teacher])
         if learner is not None and teacher is not None and learner >= teacher:
             problems.append(Problem(
-                f"cascade.stages.{i}.teacher",
+                f"{at}.teacher",
                 f"learner {stage.learner!r} (~{learner:,} LLM parameters) is not smaller than teacher {stage.teacher!r} (~{teacher:,})",
                 "swap the roles, or give the teacher role a larger model",
             ))
@@ -146,11 +152,11 @@ def _check_tokenizers(config: JobConfig) -> list[Problem]:
             if (local / "tokenizer.json").exists():
                 fingerprints[role] = vocab_fingerprint(local)
     problems = []
-    for i, stage in enumerate(config.cascade.stages):
+    for i, stage, at in _stages(config):
         a, b = fingerprints.get(stage.learner), fingerprints.get(stage.teacher or "")
         if a and b and a != b:
             problems.append(Problem(
-                f"cascade.stages.{i}.teacher",
+                f"{at}.teacher",
                 f"{stage.teacher!r} and {stage.learner!r} use different tokenizers",
                 "distillation compares logits token by token: give both models the same tokenizer",
             ))
@@ -166,9 +172,9 @@ def _check_tune(config: JobConfig) -> list[Problem]:
             close = difflib.get_close_matches(name, sorted(names), n=1)
             problems.append(Problem(f"tune.space.{key}", "not a loss term or `temperature`",
                                     f"did you mean `{close[0]}`?" if close else f"use one of {sorted(names)}"))
-        if stage and not (stage.isdigit() and 1 <= int(stage) <= len(config.cascade.stages)):
+        if stage and not (stage.isdigit() and 1 <= int(stage) <= len(config.cascade.resolved_stages())):
             problems.append(Problem(f"tune.space.{key}", f"stage prefix {stage!r} names no stage",
-                                    f"use 1..{len(config.cascade.stages)}"))
+                                    f"use 1..{len(config.cascade.resolved_stages())}"))
         if dim.choices is None and (dim.low is None or dim.high is None or dim.low > dim.high):
             problems.append(Problem(f"tune.space.{key}", "needs `choices`, or `low` <= `high`", "set low and high, or choices"))
     return problems

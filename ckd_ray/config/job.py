@@ -8,6 +8,7 @@ from ckd_ray import storage
 from ckd_ray.cascade.config import CascadeConfig
 from ckd_ray.config.base import Section
 from ckd_ray.data.config import DataConfig
+from ckd_ray.evaluate.config import EvaluationConfig
 from ckd_ray.losses.config import LossConfig
 from ckd_ray.models.config import ModelSpec
 from ckd_ray.observability.config import ObservabilityConfig
@@ -55,8 +56,8 @@ class JobConfig(Section):
     """Seed of model initialisation, data shuffling and training."""
     models: dict[str, ModelSpec] = {"student": ModelSpec(preset="tiny-student")}
     """Roles (student, ta, teacher, ...) and the model each one is."""
-    data: DataConfig = Field(default_factory=DataConfig)
-    """Datasets and preprocessing."""
+    data: DataConfig
+    """Datasets and preprocessing (required: every job reads data)."""
     signal: SignalSpec = Field(default_factory=SignalSpec)
     """What the teacher pool sends per sample."""
     teacher_pool: TeacherPoolConfig = Field(default_factory=TeacherPoolConfig)
@@ -67,6 +68,8 @@ class JobConfig(Section):
     """Student worker group."""
     cascade: CascadeConfig = Field(default_factory=CascadeConfig)
     """Stages and steps."""
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    """Evaluation after each stage."""
     tune: TuneConfig = Field(default_factory=TuneConfig)
     """Search over loss weights and temperature."""
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -115,12 +115,14 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
             problems.append(_unknown_key(key, list(fields)))
     for name, field in fields.items():
         if name not in raw:
+            if field.is_required():
+                problems.append(Problem(name, "required section is missing", f"add a `{name}:` section"))
             continue
         try:
-            # Only this section is given; the others take their defaults.
-            sections[name] = getattr(JobConfig.model_validate({name: raw[name]}), name)
+            # Each section is validated on its own, so every section's problems are found.
+            sections[name] = _section_adapter(name).validate_python(raw[name])
         except ValidationError as exc:
-            problems += _problems_from(exc)
+            problems += _problems_from(exc, prefix=(name,))
     if not problems:
         config = JobConfig.model_validate(raw)
         problems += check_consistency(config)
@@ -133,8 +135,15 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
     raise ConfigError(problems, source)
 
 
+def _section_adapter(name: str):
+    from pydantic import TypeAdapter
+
+    field = JobConfig.model_fields[name]
+    return TypeAdapter(typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+
+
 def _defaults() -> dict[str, Any]:
-    return {name: getattr(JobConfig(), name) for name in JobConfig.model_fields}
+    return {name: field.get_default(call_default_factory=True) for name, field in JobConfig.model_fields.items() if not field.is_required()}
 
 
 def _problems_from(exc: ValidationError, prefix: tuple = ()) -> list[Problem]:

@@ -1,0 +1,64 @@
+"""The run manifest: written after every step, so a resubmitted job resumes where it stopped and
+never redoes a finished step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from ckd_ray import storage
+from ckd_ray.config.job import JobConfig
+
+# Fields that do not change what a step computes: a resubmission may differ in them.
+_RUNTIME_ONLY = ("ray", "observability", "tune")
+
+
+def config_hash(job: JobConfig) -> str:
+    data = job.model_dump(mode="json", exclude=set(_RUNTIME_ONLY))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ManifestMismatchError(RuntimeError):
+    """The run folder holds a manifest of a different config."""
+
+
+@dataclass
+class Manifest:
+    """`steps[step_id]` holds status, stage, step, learner, teacher, model URI, metrics, times;
+    `roles[role]` is the latest checkpoint URI of each role."""
+
+    uri: str
+    job: str
+    config_hash: str
+    steps: dict[str, dict] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)
+    evaluations: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, run_uri: str, job: JobConfig) -> "Manifest":
+        uri = storage.join(run_uri, "manifest.json")
+        digest = config_hash(job)
+        if not storage.exists(uri):
+            return cls(uri=uri, job=job.name, config_hash=digest)
+        data = json.loads(storage.read_bytes(uri))
+        if data["config_hash"] != digest:
+            raise ManifestMismatchError(
+                f"{uri} was written by a different config (hash {data['config_hash']}, this one {digest}): "
+                "resuming would mix two experiments. Use a new `name` (or --set name=...), or delete the run folder"
+            )
+        return cls(uri=uri, job=data["job"], config_hash=digest, steps=data["steps"], roles=data["roles"],
+                   evaluations=data.get("evaluations", {}))
+
+    def done(self, step_id: str) -> bool:
+        return self.steps.get(step_id, {}).get("status") == "done"
+
+    def record(self, step_id: str, **entry) -> None:
+        self.steps[step_id] = {**self.steps.get(step_id, {}), **entry, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.save()
+
+    def save(self) -> None:
+        body = {"job": self.job, "config_hash": self.config_hash, "roles": self.roles, "steps": self.steps,
+                "evaluations": self.evaluations}
+        storage.write_bytes(self.uri, json.dumps(body, indent=2, default=str).encode())

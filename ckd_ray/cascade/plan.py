@@ -1,0 +1,82 @@
+"""A job's plan flattened into the ordered steps the runner executes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ckd_ray.cascade.config import CAPTION_STEPS, DISTILLATION_STEPS, StageConfig, StepConfig, effective_loss
+from ckd_ray.config.job import JobConfig
+from ckd_ray.losses.config import LossConfig
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One training step of the plan. `step_id` is stable across resubmissions of the same config
+    (it names the step's output folder and its manifest entry)."""
+
+    index: int
+    step_id: str
+    stage_index: int  # -1 for teacher preparation
+    stage: StageConfig
+    step: StepConfig
+    learner: str
+    teacher: str | None
+    loss: LossConfig
+
+    @property
+    def kind(self) -> str:
+        return self.step.kind
+
+    @property
+    def distills(self) -> bool:
+        return self.step.kind in DISTILLATION_STEPS
+
+    @property
+    def data_kind(self) -> str:
+        """`caption` (PT, DPT) or `instruct` (FT, SFT, DFT) data."""
+        return "caption" if self.step.kind in CAPTION_STEPS else "instruct"
+
+
+def teacher_roles_to_prepare(job: JobConfig) -> list[str]:
+    """Teacher roles whose checkpoint is not given (a preset): they are trained first with the
+    TinyLLaVA recipe. A role that is itself a learner earlier (top-down TA) is not prepared:
+    its distilled checkpoint teaches."""
+    if not job.cascade.prepare_teachers:
+        return []
+    learned: set[str] = set()
+    roles: list[str] = []
+    for stage in job.cascade.resolved_stages():
+        teacher = stage.teacher
+        if teacher and teacher not in roles and teacher not in learned and job.models[teacher].preset:
+            roles.append(teacher)
+        learned.add(stage.learner)
+    # A top-down TA learns from the teacher before it teaches, so it starts from a prepared one too.
+    for stage in job.cascade.resolved_stages():
+        if stage.teacher and stage.learner != "student" and stage.learner not in roles and job.models[stage.learner].preset:
+            roles.append(stage.learner)
+    return roles
+
+
+def build_plan(job: JobConfig) -> list[PlannedStep]:
+    steps: list[PlannedStep] = []
+
+    def add(stage_index: int, stage: StageConfig, step: StepConfig, label: str) -> None:
+        steps.append(PlannedStep(
+            index=len(steps),
+            step_id=f"{len(steps):02d}-{label}-{step.kind}".replace("->", "_to_"),
+            stage_index=stage_index,
+            stage=stage,
+            step=step,
+            learner=stage.learner,
+            teacher=stage.teacher,
+            loss=effective_loss(job.loss, stage, step),
+        ))
+
+    for role in teacher_roles_to_prepare(job):
+        prep = StageConfig(name=f"prepare-{role}", learner=role, teacher=None, steps=list(job.cascade.teacher_prep_steps))
+        for step in prep.steps:
+            add(-1, prep, step, prep.label)
+    for i, stage in enumerate(job.cascade.resolved_stages()):
+        for step in stage.steps:
+            add(i, stage, step, f"s{i + 1}-{stage.label}")
+    return steps

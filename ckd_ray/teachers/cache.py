@@ -1,0 +1,95 @@
+"""Teacher signal cache: one teacher pass written as Parquet, reused by later steps and by every
+Ray Tune trial of a stage.
+
+An entry is keyed by the data it covers (sources, split, curriculum filter, preprocessing), the
+teacher checkpoint's content hash and the signal spec's fingerprint; rows inside it are keyed by
+`sample_id`. A different key never reads an entry. An entry becomes visible only when its marker
+file is written after all its parts, so a crashed write is never read back as a partial pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+from ckd_ray import storage
+
+MARKER = "_COMPLETE.json"
+_SAMPLE_BYTES = 1 << 20
+
+
+def teacher_checkpoint_hash(model_uri: str) -> str:
+    """A content hash of a model directory: config.json, and per weights file its name, size and
+    the first and last MiB (a changed checkpoint changes its tensor bytes; reading 15 GB of a 7B
+    model on every lookup would not pay). For S3 the objects' ETags and sizes are used."""
+    digest = hashlib.sha256()
+    if storage.is_s3(model_uri):
+        loc = storage.parse(model_uri)
+        for rel, obj in sorted(storage._s3_objects(loc)):
+            if rel.endswith((".safetensors", ".json")):
+                digest.update(f"{rel}:{obj['Size']}:{obj['ETag']}".encode())
+        return digest.hexdigest()[:16]
+    root = Path(storage.parse(model_uri).path)
+    files = sorted(root.glob("*.safetensors")) + [root / "config.json"]
+    for file in files:
+        if not file.exists():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(_SAMPLE_BYTES))
+            if size > 2 * _SAMPLE_BYTES:
+                handle.seek(-_SAMPLE_BYTES, 2)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(data_fingerprint: str, teacher_hash: str, spec_fingerprint: str) -> str:
+    return f"t{teacher_hash}-s{spec_fingerprint}-d{data_fingerprint}"
+
+
+class SignalCache:
+    """Entries under `root_uri` (local or s3://), one folder per key."""
+
+    def __init__(self, root_uri: str):
+        self.root_uri = root_uri
+
+    def _marker_uri(self, key: str) -> str:
+        return storage.join(self.root_uri, key, MARKER)
+
+    def lookup(self, key: str) -> dict | None:
+        """The entry's marker (parts folder, row count, key parts) if complete, else None."""
+        marker = self._marker_uri(key)
+        if not storage.exists(marker):
+            return None
+        return json.loads(storage.read_bytes(marker))
+
+    def read(self, key: str):
+        import ray.data
+
+        entry = self.lookup(key)
+        if entry is None:
+            raise KeyError(f"no complete signal cache entry {key!r} under {self.root_uri}")
+        filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, entry["parts"]))
+        return ray.data.read_parquet(path, filesystem=filesystem)
+
+    def write(self, dataset, key: str, metadata: dict) -> dict:
+        """Runs `dataset` (the teacher pass) to Parquet under a fresh parts folder, then writes the
+        marker that makes the entry visible."""
+        parts = f"parts-{uuid.uuid4().hex[:8]}"
+        filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, parts))
+        start = time.perf_counter()
+        dataset.write_parquet(path, filesystem=filesystem)
+        written = self._count_rows(key, parts)
+        entry = {"key": key, "parts": parts, "num_rows": written, "seconds": round(time.perf_counter() - start, 3), **metadata}
+        storage.write_bytes(self._marker_uri(key), json.dumps(entry, indent=2).encode())
+        return entry
+
+    def _count_rows(self, key: str, parts: str) -> int:
+        import pyarrow.dataset as pads
+
+        filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, parts))
+        return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()

@@ -1,0 +1,154 @@
+"""The compressed teacher signal: what a teacher adds to each batch, version 1.
+
+Full logits cannot cross the object store (Qwen2.5: 2048 x 151936 x 4 B = 1.24 GB a sample), so
+the teacher sends, per the step's `SignalSpec`:
+
+| column                     | shape per sample  | dtype          | for term          |
+|----------------------------|-------------------|----------------|-------------------|
+| `sig_resp_topk_values`     | [L, K]            | wire (bf16)    | output            |
+| `sig_resp_topk_ids`        | [L, K]            | int32          | output            |
+| `sig_resp_tail_logmass`    | [L]               | float32        | output            |
+| `sig_vis_topk_values/ids`  | [L, Kv]           | wire / int32   | visual_kl         |
+| `sig_vis_tail_logmass`     | [L]               | float32        | visual_kl         |
+| `sig_gram`                 | [N, N]            | wire           | visual_relation   |
+| `sig_attn_<layer>`         | [G, L, N]         | wire           | attention         |
+| `sig_hidden_<layer>`       | [L, D_teacher]    | wire           | feature           |
+| `sig_fact_logprobs`        | [F]               | float32        | knowledge         |
+
+L is the padded sequence length, N the number of visual tokens, K the top-k. Top-k rows are
+filled only at response (resp) or visual (vis) positions and zero elsewhere. Values are raw T = 1
+logits, not log-probabilities, so a temperature sweep needs no teacher re-run; the tail column is
+log(sum of exp(logit) over the ids not in the top-k), -inf when the top-k covers the vocabulary.
+bf16 travels as its uint16 bit pattern (numpy and Arrow have no bfloat16) and is viewed back
+without a copy on the student side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import torch
+
+from ckd_ray.teachers.config import SignalSpec
+
+SIGNAL_VERSION = 1
+SIGNAL_PREFIX = "sig_"
+_WIRE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def spec_fingerprint(spec: SignalSpec, shared_vocab_size: int) -> str:
+    """Identifies a signal format: equal fingerprints mean interchangeable cached signal."""
+    blob = json.dumps({"version": SIGNAL_VERSION, "vocab": shared_vocab_size, **spec.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def to_wire(tensor: torch.Tensor, value_dtype: str) -> np.ndarray:
+    """A tensor as a numpy array in the wire dtype (bf16 as uint16 bits)."""
+    tensor = tensor.detach().to(_WIRE[value_dtype]).cpu().contiguous()
+    if value_dtype == "bfloat16":
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def from_wire(array, value_dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse of `to_wire`: float tensors in the wire dtype (the losses upcast to float32)."""
+    tensor = torch.as_tensor(np.ascontiguousarray(array))
+    if value_dtype == "bfloat16":
+        tensor = tensor.view(torch.int16).view(torch.bfloat16)
+    return tensor.to(device)
+
+
+def bytes_per_sample(
+    spec: SignalSpec,
+    *,
+    seq_len: int,
+    num_visual: int,
+    teacher_hidden: int,
+    num_facts: int = 8,
+) -> dict[str, int]:
+    """Bytes each signal part adds to one sample on the wire (and their `total`)."""
+    value = torch.tensor([], dtype=_WIRE[spec.value_dtype]).element_size()
+    parts: dict[str, int] = {}
+    if spec.response_top_k:
+        parts["response_topk"] = seq_len * spec.response_top_k * (value + 4) + seq_len * 4
+    if spec.visual_top_k:
+        parts["visual_topk"] = seq_len * spec.visual_top_k * (value + 4) + seq_len * 4
+    if spec.gram:
+        parts["gram"] = num_visual * num_visual * value
+    if spec.attention_layers:
+        parts["attention"] = len(spec.attention_layers) * spec.attention_head_groups * seq_len * num_visual * value
+    if spec.feature_layers:
+        parts["features"] = len(spec.feature_layers) * seq_len * teacher_hidden * value
+    if spec.facts:
+        parts["facts"] = num_facts * 4
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def full_logits_bytes(seq_len: int, vocab_size: int, bytes_per_value: int = 4) -> int:
+    return seq_len * vocab_size * bytes_per_value
+
+
+def signal_nbytes(columns: dict[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for k, v in columns.items() if k.startswith(SIGNAL_PREFIX)))
+
+
+def topk_with_tail(logits_NV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k raw logits, their ids, and log(sum exp) of the rest, in float32.
+
+    The tail is a logsumexp over the logits with the top-k masked out (exact, unlike
+    lse_all + log1p(-exp(lse_top - lse_all)), which cancels when the top-k holds nearly all
+    mass); it is -inf when k covers the vocabulary."""
+    logits_NV = logits_NV.float()
+    k = min(k, logits_NV.shape[-1])
+    values_NK, ids_NK = logits_NV.topk(k, dim=-1)
+    tail_N = torch.logsumexp(logits_NV.scatter(-1, ids_NK, -math.inf), dim=-1)
+    return values_NK, ids_NK, tail_N
+
+
+def decode_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], device: torch.device | str = "cpu"):
+    """The signal columns of a batch (numpy or torch) as the losses' `TeacherSignalBatch`.
+
+    `attention_layers` is the loss's student -> teacher layer map: the teacher's maps are keyed by
+    the student layer they are distilled into. Right padding beyond the batch's longest row is
+    trimmed to match the student's trimmed inputs (`used` = longest attention mask)."""
+    from ckd_ray.losses import TeacherSignalBatch, TopKLogits
+
+    used = int(np.asarray(batch["attention_mask"]).sum(axis=1).max())
+
+    def tensor(name: str, wire: bool = False, trim_dim: int | None = 1) -> torch.Tensor:
+        value = from_wire(batch[name], spec.value_dtype, device) if wire else torch.as_tensor(np.asarray(batch[name]), device=device)
+        if trim_dim is not None:
+            value = value.narrow(trim_dim, 0, used)
+        return value
+
+    def topk(name: str) -> TopKLogits:
+        return TopKLogits(
+            values_BLK=tensor(f"sig_{name}_topk_values", wire=True),
+            ids_BLK=tensor(f"sig_{name}_topk_ids").long(),
+            tail_logmass_BL=tensor(f"sig_{name}_tail_logmass"),
+        )
+
+    signal = TeacherSignalBatch()
+    if spec.response_top_k:
+        signal.response_topk = topk("resp")
+    if spec.visual_top_k:
+        signal.visual_topk = topk("vis")
+    if spec.gram:
+        signal.gram_BNN = tensor("sig_gram", wire=True, trim_dim=None)
+        signal.visual_count_B = tensor("visual_mask", trim_dim=None).sum(dim=1)
+    if spec.feature_layers:
+        signal.hidden_states = {layer: tensor(f"sig_hidden_{layer}", wire=True) for layer in spec.feature_layers}
+    if attention_layers:
+        signal.attentions = {
+            student: tensor(f"sig_attn_{teacher}", wire=True, trim_dim=2) for student, teacher in attention_layers.items()
+        }
+    if spec.facts:
+        signal.fact_log_probs_BF = tensor("sig_fact_logprobs", trim_dim=None)
+        signal.fact_mask_BF = tensor("fact_mask", trim_dim=None).bool()
+        signal.fact_token_ids_BFT = tensor("fact_token_ids", trim_dim=None).long()
+        signal.answer_pos_B = tensor("answer_pos", trim_dim=None).long()
+    return signal

@@ -1,0 +1,169 @@
+"""The config tree: every shipped config validates; bad configs report every problem at once,
+each naming the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckd_ray.config import ConfigError, load_config, validate_config
+from ckd_ray.config.loader import apply_override
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+JOB_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if "kind: experiment" not in p.read_text())
+
+
+def base() -> dict:
+    return {
+        "name": "t",
+        "models": {"student": {"preset": "tiny-student"}, "ta": {"preset": "tiny-ta"}, "teacher": {"preset": "tiny-teacher"}},
+        "cascade": {"plan": "bottom_up"},
+        "data": {"benchmark_root": "data/kvqa"},
+    }
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_job_config_validates(path):
+    config = load_config(path)
+    assert config.cascade.resolved_stages() or config.cascade.plan
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert "tiny_cascade.yaml" in names and len(names) >= 4
+
+
+def test_defaults_are_valid_and_alias_greek_names():
+    raw = base()
+    raw["loss"] = {"weights": {"alpha": 1.0, "beta": 0.5, "visual_kl": 1.0, "visual_relation": 1.0}}
+    config = validate_config(raw)
+    assert config.loss.weights.task == 1.0 and config.loss.weights.output == 0.5
+
+
+def test_three_mistakes_are_reported_together():
+    raw = base()
+    raw["trainer"] = {"num_workrs": 2, "zero_stage": "two"}
+    raw["loss"] = {"weights": {"task": 1, "knowledge": 0.5}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    fields = [p.field for p in info.value.problems]
+    assert "trainer.num_workrs" in fields
+    assert "trainer.zero_stage" in fields
+    assert "loss.weights.knowledge" in fields
+    text = str(info.value)
+    assert "did you mean `num_workers`" in text
+    assert "signal.facts" in text
+    assert text.startswith("3 problems")
+
+
+def test_unknown_top_level_key_gets_did_you_mean():
+    raw = base()
+    raw["trainr"] = {}
+    with pytest.raises(ConfigError, match="did you mean `trainer`"):
+        validate_config(raw)
+
+
+def test_weight_without_signal_names_field_and_fix():
+    raw = base()
+    raw["loss"] = {"weights": {"task": 1, "feature": 1.0}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    (problem,) = info.value.problems
+    assert problem.field == "loss.weights.feature"
+    assert "loss.feature_layers" in problem.fix
+
+
+def test_feature_layers_must_be_sent_by_teacher():
+    raw = base()
+    raw["loss"] = {"weights": {"task": 1, "feature": 1.0}, "feature_layers": {2: 4}}
+    raw["signal"] = {"feature_layers": [3]}
+    with pytest.raises(ConfigError, match=r"teacher layers \[4\] are not in signal.feature_layers"):
+        validate_config(raw)
+    raw["signal"] = {"feature_layers": [4]}
+    validate_config(raw)
+
+
+def test_student_larger_than_teacher_is_an_error():
+    raw = base()
+    raw["models"]["ta"] = {"preset": "tiny-teacher"}
+    raw["models"]["teacher"] = {"preset": "tiny-ta"}
+    raw["cascade"] = {"stages": [{"teacher": "teacher", "learner": "ta", "steps": ["DFT"]}]}
+    with pytest.raises(ConfigError, match="is not smaller than teacher"):
+        validate_config(raw)
+
+
+def test_unknown_storage_scheme_and_unknown_role():
+    raw = base()
+    raw["storage"] = {"root": "gs://bucket/runs"}
+    raw["cascade"] = {"stages": [{"teacher": "teachr", "steps": ["DFT"]}]}
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    text = str(info.value)
+    assert "storage.root" in text and "unknown storage scheme 'gs'" in text
+    assert "did you mean `teacher`" in text
+
+
+def test_distillation_step_without_teacher_and_plan_plus_stages():
+    raw = base()
+    raw["cascade"] = {"stages": [{"steps": ["DPT"]}]}
+    with pytest.raises(ConfigError, match="DPT distills but the stage has no teacher"):
+        validate_config(raw)
+    raw["cascade"] = {"plan": "bottom_up", "stages": [{"steps": ["SFT"]}]}
+    with pytest.raises(ConfigError, match="both `plan` and `stages`"):
+        validate_config(raw)
+
+
+def test_set_overrides_parse_yaml_values_and_list_indices(tmp_path):
+    path = tmp_path / "job.yaml"
+    raw = base()
+    raw["cascade"] = {"stages": [{"teacher": "ta", "steps": ["SFT"]}]}
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path, ["trainer.max_steps=7", "cascade.stages.0.teacher=teacher", "loss.temperature=2"])
+    assert config.trainer.max_steps == 7
+    assert config.cascade.stages[0].teacher == "teacher"
+    assert config.loss.temperature == 2.0
+    with pytest.raises(ConfigError, match="greater than 0"):
+        load_config(path, ["loss.temperature=0"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "trainer.max_steps")
+
+
+def test_extends_merges_parent_file(tmp_path):
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(base()))
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\nname: child\ntrainer: {max_steps: 3}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert config.name == "child" and config.trainer.max_steps == 3 and "ta" in config.models
+
+
+def test_tokenizer_mismatch_between_local_models_is_a_config_error(tmp_path):
+    import json
+
+    for role, vocab in (("a", {"x": 0}), ("b", {"y": 0})):
+        folder = tmp_path / role
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))
+    raw = base()
+    raw["models"]["student"] = {"path": str(tmp_path / "a")}
+    raw["models"]["teacher"] = {"path": str(tmp_path / "b")}
+    raw["cascade"] = {"stages": [{"teacher": "teacher", "steps": ["DFT"]}]}
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        validate_config(raw)
+
+
+def test_cli_check_prints_every_problem(tmp_path):
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    raw = base()
+    raw["trainer"] = {"num_workrs": 2, "zero_stage": 7}
+    raw["storage"] = {"root": "ftp://x"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 2
+    assert "3 problems" in result.output
+    for field in ("trainer.num_workrs", "trainer.zero_stage", "storage.root"):
+        assert field in result.output
