@@ -44,5 +44,9 @@ class TeacherPoolConfig(Section):
     """Actors the pool may grow to under load."""
     batch_size: int = Field(16, ge=1)
     """Samples per teacher forward."""
-    max_task_retries: int = Field(3, ge=0)
-    """Times a batch is retried when its actor dies (the actor is replaced)."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources per actor, e.g. {teacher_gpu: 1} so actors land on the teacher node
+    type of cluster/autoscaler-aws.yaml (empty: any node with the CPUs/GPUs)."""
+    use_cache: bool = True
+    """Write each teacher pass to the signal cache and train from it (Tune trials and resubmitted
+    jobs reuse it); false streams the signal straight into training."""

@@ -75,7 +75,7 @@ class TeacherForward:
         return signal
 
     def _logits(self, hidden_ND: torch.Tensor) -> torch.Tensor:
-        return (hidden_ND @ self.lm_weight_VD.T).float()
+        return torch.nn.functional.linear(hidden_ND, self.lm_weight_VD).float()
 
     def _topk(self, signal, name, hidden_BLD, mask_BL, k, seq_len) -> None:
         num_samples = hidden_BLD.shape[0]

@@ -27,6 +27,8 @@ class TeacherSource:
     dtype: str = "auto"
     labels: dict[str, str] = field(default_factory=dict)
     """Metric tags: job, stage, step, pool."""
+    gpu_poll_seconds: float = 5.0
+    """Interval of the actor's GPU utilization/memory sampler (idle without a GPU)."""
 
 
 class TeacherActor:
@@ -37,7 +39,7 @@ class TeacherActor:
         import torch
 
         from ckd_ray.models.builder import load_model, resolve_dtype
-        from ckd_ray.observability.metrics import TeacherPoolMetrics
+        from ckd_ray.observability.metrics import GpuSampler, TeacherPoolMetrics
         from ckd_ray.teachers.forward import TeacherForward
 
         on_gpu = torch.cuda.is_available()
@@ -51,6 +53,7 @@ class TeacherActor:
         self.forward_pass = TeacherForward(model, spec, source.shared_vocab_size)
         self.metrics = TeacherPoolMetrics(**_metric_tags(source.labels))
         self.metrics.actor_started()
+        self.gpu_sampler = GpuSampler("teacher", source.labels.get("job", ""), source.gpu_poll_seconds).start()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ckd_ray.teachers.signal import signal_nbytes
@@ -67,6 +70,9 @@ class TeacherActor:
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.actor_stopped()
+        sampler = getattr(self, "gpu_sampler", None)
+        if sampler is not None:
+            sampler.stop()
 
 
 def _metric_tags(labels: dict[str, str]) -> dict[str, str]:
@@ -76,7 +82,8 @@ def _metric_tags(labels: dict[str, str]) -> dict[str, str]:
 def add_teacher_stage(dataset, source: TeacherSource, spec: SignalSpec, pool: TeacherPoolConfig):
     """Appends the teacher as an actor-pool stage of `dataset`: `pool.min_actors` to
     `pool.max_actors` actors with `pool.num_gpus` / `pool.num_cpus` each. An actor that dies is
-    restarted and its batch retried (`pool.max_task_retries`)."""
+    restarted and its batch retried: Ray Data creates pool actors with unlimited restarts and
+    task retries, and a retried batch replaces the lost one, so no sample is lost or repeated."""
     from ray.data import ActorPoolStrategy
 
     return dataset.map_batches(
@@ -87,8 +94,7 @@ def add_teacher_stage(dataset, source: TeacherSource, spec: SignalSpec, pool: Te
         batch_format="numpy",
         num_gpus=pool.num_gpus or None,
         num_cpus=pool.num_cpus,
-        max_restarts=-1,
-        max_task_retries=pool.max_task_retries,
+        resources=pool.resources or None,
     )
 
 
@@ -96,7 +102,6 @@ def start_teacher_actor(source: TeacherSource, spec: SignalSpec, pool: TeacherPo
     """A plain Ray actor of the teacher: `ray.get(actor.forward.remote(batch))`."""
     import ray
 
-    remote_cls = ray.remote(
-        num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus, max_restarts=-1, max_task_retries=pool.max_task_retries
-    )(TeacherActor)
+    # Like the Ray Data pool: a dead actor is restarted and its pending calls retried.
+    remote_cls = ray.remote(num_gpus=pool.num_gpus or 0, num_cpus=pool.num_cpus, resources=pool.resources or None, max_restarts=-1, max_task_retries=-1)(TeacherActor)
     return remote_cls.remote(source, spec)

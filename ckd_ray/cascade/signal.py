@@ -1,0 +1,65 @@
+"""Attaching a teacher's signal to a step's training data: a signal-cache hit, or one teacher
+pool pass written to the cache (the pool lives only for that pass)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ckd_ray import storage
+from ckd_ray.config.job import JobConfig
+from ckd_ray.teachers import SignalCache, SignalSpec, TeacherSource, add_teacher_stage, cache_key, spec_fingerprint, teacher_checkpoint_hash
+
+
+def step_signal_spec(job: JobConfig, planned) -> SignalSpec:
+    """The job's signal restricted to what this step's active loss terms read: fewer bytes on the
+    wire, and a cache entry shared by every step that needs the same parts."""
+    weights = planned.loss.weights
+    signal = job.signal
+    return signal.model_copy(update={
+        "response_top_k": signal.response_top_k if weights.output > 0 else 0,
+        "visual_top_k": signal.visual_top_k if weights.visual_kl > 0 else 0,
+        "gram": signal.gram and weights.visual_relation > 0,
+        "feature_layers": sorted(set(planned.loss.feature_layers.values())) if weights.feature > 0 else [],
+        "attention_layers": sorted(set(planned.loss.attention_layers.values())) if weights.attention > 0 else [],
+        "facts": signal.facts and weights.knowledge > 0,
+    })
+
+
+def shared_vocab(learner_uri: str, teacher_uri: str) -> int:
+    """The vocabulary range both models' logits are compared over; a tokenizer mismatch is an
+    error here, before any teacher actor or student worker starts."""
+    from ckd_ray.models import shared_vocab_size, vocab_fingerprint
+
+    learner, teacher = storage.download_dir(learner_uri), storage.download_dir(teacher_uri)
+    vocab = [json.loads((d / "config.json").read_text())["text_config"]["vocab_size"] for d in (learner, teacher)]
+    tokenizer_len = len(json.loads((learner / "tokenizer.json").read_text())["model"]["vocab"])
+    return shared_vocab_size(vocab[0], vocab[1], student_fingerprint=vocab_fingerprint(learner),
+                             teacher_fingerprint=vocab_fingerprint(teacher), tokenizer_len=tokenizer_len)
+
+
+def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri: str, dataset, data, log):
+    """(dataset with `sig_*` columns, the signal spec it carries, a description of the teacher
+    pass for the manifest)."""
+    spec = step_signal_spec(job, planned)
+    vocab = shared_vocab(learner_uri, teacher_uri)
+    labels = {"job": job.name, "stage": planned.stage.label, "step": planned.kind, "pool": planned.teacher}
+    source = TeacherSource(teacher_uri, vocab, job.models[planned.teacher].trust_remote_code,
+                           job.models[planned.teacher].dtype, labels, job.observability.gpu_poll_seconds)
+    if not job.teacher_pool.use_cache:
+        log(f"[cascade]   teacher pool {planned.teacher!r} streams its signal into training (cache off)")
+        return add_teacher_stage(dataset, source, spec, job.teacher_pool), spec, {"source": "teacher pool (streamed)"}
+    cache = SignalCache(job.signal_cache_uri)
+    key = cache_key(data.fingerprint(planned), teacher_checkpoint_hash(teacher_uri), spec_fingerprint(spec, vocab))
+    if cache.lookup(key):
+        log(f"[cascade]   teacher signal: cache hit {key}")
+        return cache.read(key), spec, {"source": "cache hit", "key": key}
+    log(f"[cascade]   teacher pool {planned.teacher!r}: one pass over the step's data -> cache {key}")
+    start = time.perf_counter()
+    entry = cache.write(add_teacher_stage(dataset, source, spec, job.teacher_pool), key,
+                        {"teacher_uri": teacher_uri, "spec": spec.model_dump(mode="json"), "shared_vocab": vocab})
+    seconds = time.perf_counter() - start
+    rate = entry["num_rows"] / seconds if seconds else 0.0
+    log(f"[cascade]   teacher pass: {entry['num_rows']} samples in {seconds:.1f} s ({rate:.1f} samples/s)")
+    return cache.read(key), spec, {"source": "teacher pool", "key": key, "samples": entry["num_rows"],
+                             "seconds": round(seconds, 2), "samples_per_s": round(rate, 2)}

@@ -1,0 +1,54 @@
+"""`ckd-ray cascade` and `ckd-ray eval`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ckd_ray.cli.options import config_options, load_or_exit
+
+
+@click.command()
+@config_options
+def cascade(config_paths, overrides) -> None:
+    """Run the cascade plan of CONFIG_PATHS on Ray (a local Ray unless ray.address or
+    RAY_ADDRESS names a cluster). Running it again resumes where it stopped."""
+    from ckd_ray.cascade.runner import run_cascade
+
+    job = load_or_exit(config_paths, overrides)
+    result = run_cascade(job, log=lambda line: click.echo(line, err=False))
+    click.echo(f"report: {result.report_uri}")
+    click.echo(f"student: {result.student_uri}")
+
+
+@click.command("eval")
+@config_options
+@click.option("--model", "models", multiple=True, metavar="URI_OR_ROLE",
+              help="Model directory (local or s3://) or a role of the run's manifest; default: every role of the manifest.")
+def evaluate(config_paths, overrides, models) -> None:
+    """Score models on the benchmark's held-out split: exact match, yes/no F1, multiple-choice
+    accuracy, per hop level; parameters, latency and peak memory."""
+    from ckd_ray import storage
+    from ckd_ray.cascade.datasets import StepData
+    from ckd_ray.cascade.manifest import Manifest
+    from ckd_ray.cascade.runner import connect_ray
+    from ckd_ray.evaluate import evaluate_model
+
+    job = load_or_exit(config_paths, overrides)
+    connect_ray(job.ray)
+    roles = Manifest.open(job.run_uri, job).roles
+    targets = {m: roles.get(m, m) for m in models} if models else dict(roles)
+    if not targets:
+        raise click.UsageError("no --model given and the run has no manifest yet: run the cascade first")
+    rows = StepData(job, job.run_uri).evaluation_rows()
+    results = {}
+    for name, uri in targets.items():
+        results[name] = evaluate_model(uri, rows, job.evaluation, use_gpu=job.trainer.use_gpu)["scores"]
+        scores = results[name]
+        click.echo(f"{name:>12}: average {scores['average']:.3f}  open {scores.get('open_em', 0):.3f}  "
+                   f"yes/no F1 {scores.get('yes_no_f1', 0):.3f}  MC {scores.get('mc_acc', 0):.3f}  "
+                   f"params {int(scores['parameters']):,}  latency {scores['latency_s'] * 1000:.1f} ms")
+    out = storage.join(job.run_uri, "eval.json")
+    storage.write_bytes(out, json.dumps(results, indent=2).encode())
+    click.echo(f"scores: {out}")

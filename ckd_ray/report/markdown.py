@@ -1,0 +1,71 @@
+"""The Markdown run report: one table row per step, scores per evaluated checkpoint, plots."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ckd_ray import storage
+from ckd_ray.report.plots import plot_loss_terms, plot_pool_throughput, plot_scores
+
+SCORE_COLUMNS = ("average", "open_em", "yes_no_f1", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc", "parameters", "latency_s", "peak_memory_mb")
+
+
+def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, metrics_note: str = "") -> str:
+    """Writes report.md and its PNGs into the run folder (local or s3://); returns the report URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plots = {
+            "loss terms per step": plot_loss_terms(histories, out / "loss_terms.png"),
+            "scores per evaluated checkpoint": plot_scores({k: v["scores"] for k, v in manifest.evaluations.items()}, out / "scores.png"),
+            "teacher pool throughput": plot_pool_throughput(
+                [{"step_id": k, **v.get("teacher_pass", {})} for k, v in manifest.steps.items()], out / "teacher_throughput.png"
+            ),
+        }
+        lines = [f"# Run report: {manifest.job}", "", f"Config hash `{manifest.config_hash}`; manifest: `manifest.json`.", ""]
+        lines += _steps_table(manifest)
+        lines += _scores_table(manifest)
+        if metrics_note:
+            lines += ["## Metrics", "", metrics_note, ""]
+        lines += ["## Plots", ""]
+        for title, path in plots.items():
+            if path is not None:
+                lines += [f"### {title}", "", f"![{title}]({path.name})", ""]
+        (out / "report.md").write_text("\n".join(lines))
+        for file in out.iterdir():
+            storage.write_bytes(storage.join(run_uri, file.name), file.read_bytes())
+    return storage.join(run_uri, "report.md")
+
+
+def _steps_table(manifest) -> list[str]:
+    lines = ["## Steps", "", "| step | stage | learner | teacher | status | optimizer steps | final loss | val loss | teacher signal | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for step_id, entry in manifest.steps.items():
+        metrics = entry.get("metrics", {})
+        signal = entry.get("teacher_pass", {}).get("source", "-")
+        lines.append(
+            f"| {step_id} | {entry.get('stage', '')} | {entry.get('learner', '')} | {entry.get('teacher') or '-'} | "
+            f"{entry.get('status', '')} | {metrics.get('steps', '')} | {_fmt(metrics.get('loss/total'))} | "
+            f"{_fmt(metrics.get('val_loss'))} | {signal} | {_fmt(entry.get('seconds'))} |"
+        )
+    return lines + [""]
+
+
+def _scores_table(manifest) -> list[str]:
+    if not manifest.evaluations:
+        return []
+    lines = ["## Scores (test split)", "", "| checkpoint | " + " | ".join(SCORE_COLUMNS) + " | preservation |",
+             "|---" * (len(SCORE_COLUMNS) + 2) + "|"]
+    for name, entry in manifest.evaluations.items():
+        scores = entry["scores"]
+        preservation = entry.get("knowledge_preservation")
+        lines.append(f"| {name} | " + " | ".join(_fmt(scores.get(c)) for c in SCORE_COLUMNS) + f" | {_fmt(preservation)} |")
+    return lines + [""]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up .venv (if needed), builds the bundled benchmark (if missing) and runs the tiny cascade
+# on a local Ray on CPU. Extra arguments go to `ckd-ray cascade` (e.g. --set trainer.max_steps=10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [[ ! -f data/kvqa/instructions.json ]]; then
+  .venv/bin/ckd-ray data build-kvqa data/kvqa
+fi
+exec .venv/bin/ckd-ray cascade configs/tiny_cascade.yaml "$@"
