@@ -30,6 +30,17 @@ def test_every_shipped_job_config_validates(path):
     assert config.cascade.resolved_stages() or config.cascade.plan
 
 
+EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml") if "kind: experiment" in p.read_text())
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_shipped_experiment_validates_every_run(path):
+    from ckd_ray.cascade.experiment import load_experiment
+
+    experiment, _ = load_experiment(path)
+    assert len(experiment.runs) >= 2
+
+
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
     assert "tiny_cascade.yaml" in names and len(names) >= 4

@@ -75,7 +75,7 @@ def run_cascade(job: JobConfig, *, log=print) -> CascadeResult:
     data = StepData(job, run_uri)
     metrics = CascadeMetrics(job.name)
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
-    _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log)
+    _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {p.teacher for p in plan if p.teacher} | {"student"})
     histories: dict[str, list[dict]] = {}
     for planned in plan:
         label = f"step {planned.index + 1}/{len(plan)} {planned.step_id}"
@@ -129,13 +129,13 @@ def _last_of_stage(plan: list[PlannedStep], planned: PlannedStep) -> bool:
     return not following or following[0].stage is not planned.stage
 
 
-def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str, run_uri: str, log) -> None:
-    """Every role starts from a model directory: presets are built (seeded) and saved into the
-    run folder once; given paths are used as they are."""
+def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str, run_uri: str, log, roles=None) -> None:
+    """Every role the plan uses starts from a model directory: presets are built (seeded) and
+    saved into the run folder once; given paths are used as they are."""
     from ckd_ray.models import build_preset, save_model
 
     for offset, (role, spec) in enumerate(sorted(job.models.items())):
-        if role in manifest.roles:
+        if role in manifest.roles or (roles is not None and role not in roles):
             continue
         if spec.path:
             manifest.roles[role] = spec.path

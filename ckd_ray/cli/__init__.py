@@ -12,14 +12,17 @@ def main() -> None:
 
 
 def _register() -> None:
+    from ckd_ray.cli import cascade as cascade_cli
     from ckd_ray.cli import config as config_cli
+    from ckd_ray.cli import data as data_cli
+    from ckd_ray.cli import tune as tune_cli
 
     main.add_command(config_cli.config)
-    try:
-        from ckd_ray.cli import data as data_cli
-    except ImportError:  # the data commands are optional while the package is being built
-        return
     main.add_command(data_cli.data)
+    main.add_command(cascade_cli.cascade)
+    main.add_command(cascade_cli.evaluate)
+    main.add_command(tune_cli.tune)
+    main.add_command(cascade_cli.experiment)
 
 
 _register()

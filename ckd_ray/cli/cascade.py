@@ -52,3 +52,21 @@ def evaluate(config_paths, overrides, models) -> None:
     out = storage.join(job.run_uri, "eval.json")
     storage.write_bytes(out, json.dumps(results, indent=2).encode())
     click.echo(f"scores: {out}")
+
+
+@click.command()
+@click.argument("experiment_path", type=click.Path(exists=True, dir_okay=False))
+def experiment(experiment_path) -> None:
+    """Run every plan of EXPERIMENT_PATH (kind: experiment) and write the comparison table."""
+    import sys
+
+    from ckd_ray.cascade.experiment import load_experiment, run_experiment
+    from ckd_ray.config import ConfigError
+
+    try:
+        spec, base = load_experiment(experiment_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    table_uri = run_experiment(spec, base, log=click.echo)
+    click.echo(f"table: {table_uri}")

@@ -1,0 +1,78 @@
+"""`ray job submit` against a real `ray start --head` on loopback, exactly as the README shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head node on loopback with its own ports and temp folder; stopped afterwards."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard_port = _free_port()
+    temp_dir = Path("/tmp") / f"ckd-ray-head-{os.getpid()}-{dashboard_port}"  # socket paths must stay short
+    command = [
+        RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", "8",
+        "--temp-dir", str(temp_dir), "--include-dashboard", "true",
+        "--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+        "--ray-client-server-port", str(_free_port()), "--disable-usage-stats",
+    ]
+    subprocess.run(command, check=True, env=env, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        yield address, env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_TMPDIR": str(temp_dir)}, capture_output=True, timeout=120)
+
+
+def test_cascade_job_submitted_to_a_real_head(ray_head, kvqa_dir, tmp_path):
+    address, env = ray_head
+    runs = tmp_path / "runs"
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "extends": str(REPO / "configs" / "tiny_cascade.yaml"),
+        "name": "submitted",
+        "data": {"benchmark_root": str(kvqa_dir)},
+        "storage": {"root": str(runs)},
+        "cascade": {"plan": "single_teacher", "prepare_teachers": False},
+        "trainer": {"max_steps": 2, "micro_batch_size": 4, "num_workers": 1, "report_every": 1},
+        "evaluation": {"max_samples": 16},
+    }))
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
+         "python", "jobs/cascade_job.py", str(config)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "succeeded" in output
+    report = re.search(r"report: (\S+)", output)
+    assert report, output[-2000:]
+    assert Path(report.group(1)).exists()
+    manifest = json.loads((runs / "submitted" / "manifest.json").read_text())
+    assert [entry["status"] for entry in manifest["steps"].values()] == ["done"] * 3
+    assert Path(manifest["roles"]["student"], "model.safetensors").exists()
