@@ -20,6 +20,7 @@ from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
 from ckd_ray.cascade.signal import attach_teacher_signal
 from ckd_ray.config.job import JobConfig, RayConfig
+from ckd_ray.evaluate import evaluate_model, knowledge_preservation
 from ckd_ray.teachers.signal import decode_signal
 
 
@@ -86,6 +87,8 @@ def run_cascade(job: JobConfig, *, log=print) -> CascadeResult:
         metrics.step_started(planned.stage.label, planned.kind, planned.index, len(plan))
         step_start = time.perf_counter()
         log(f"[cascade] {label}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind}")
+        if manifest.steps.get(planned.step_id, {}).get("status") == "running":
+            log(f"[cascade]   resuming: an earlier run stopped in this step; training continues from its last checkpoint")
         manifest.record(planned.step_id, status="running", **_describe(planned))
         train_dataset = data.train(planned)
         teacher_pass, decoder = {}, None
@@ -152,25 +155,27 @@ def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str,
 
 def _evaluate(job: JobConfig, manifest: Manifest, planned: PlannedStep, data, log) -> None:
     """Scores the stage's learner on the held-out split; a distillation stage also scores its
-    teacher once (for knowledge preservation)."""
-    from ckd_ray.evaluate import evaluate_model, knowledge_preservation
-
+    teacher (for knowledge preservation). A checkpoint already scored is not scored again."""
     rows = data.evaluation_rows()
     name = f"{planned.stage.label} ({planned.learner})"
-    if name not in manifest.evaluations:
-        result = evaluate_model(manifest.roles[planned.learner], rows, job.evaluation, use_gpu=job.trainer.use_gpu)
-        manifest.evaluations[name] = {"scores": result["scores"], "model_uri": manifest.roles[planned.learner]}
+    entry = _scores_of(job, manifest, name, manifest.roles[planned.learner], rows)
     if planned.teacher:
-        teacher_name = f"teacher {planned.teacher}"
-        if teacher_name not in manifest.evaluations:
-            teacher = evaluate_model(manifest.roles[planned.teacher], rows, job.evaluation, use_gpu=job.trainer.use_gpu)
-            manifest.evaluations[teacher_name] = {"scores": teacher["scores"], "model_uri": manifest.roles[planned.teacher]}
-        manifest.evaluations[name]["knowledge_preservation"] = knowledge_preservation(
-            manifest.evaluations[name]["scores"], manifest.evaluations[teacher_name]["scores"]
-        )
+        teacher = _scores_of(job, manifest, f"teacher {planned.teacher} of {planned.stage.label}", manifest.roles[planned.teacher], rows)
+        entry["knowledge_preservation"] = knowledge_preservation(entry["scores"], teacher["scores"])
+        entry["teacher"] = teacher["model_uri"]
     manifest.save()
-    scores = manifest.evaluations[name]["scores"]
+    scores = entry["scores"]
     log(f"[cascade] eval {name}: average {scores['average']:.3f}, accuracy {scores['accuracy']:.3f} on {int(scores['num_samples'])} samples")
+
+
+def _scores_of(job: JobConfig, manifest: Manifest, name: str, model_uri: str, rows) -> dict:
+    """The manifest's evaluation entry of `model_uri` (scored now unless it already was)."""
+    for entry in manifest.evaluations.values():
+        if entry["model_uri"] == model_uri:
+            return entry
+    result = evaluate_model(model_uri, rows, job.evaluation, use_gpu=job.trainer.use_gpu)
+    manifest.evaluations[name] = {"scores": result["scores"], "model_uri": model_uri}
+    return manifest.evaluations[name]
 
 
 def _metrics_note(job: JobConfig) -> str:

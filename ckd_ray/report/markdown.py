@@ -45,7 +45,7 @@ def _steps_table(manifest) -> list[str]:
         signal = entry.get("teacher_pass", {}).get("source", "-")
         lines.append(
             f"| {step_id} | {entry.get('stage', '')} | {entry.get('learner', '')} | {entry.get('teacher') or '-'} | "
-            f"{entry.get('status', '')} | {metrics.get('steps', '')} | {_fmt(metrics.get('loss/total'))} | "
+            f"{entry.get('status', '')} | {metrics.get('step', '')} | {_fmt(metrics.get('loss'))} | "
             f"{_fmt(metrics.get('val_loss'))} | {signal} | {_fmt(entry.get('seconds'))} |"
         )
     return lines + [""]

@@ -19,9 +19,9 @@ def plot_loss_terms(histories: dict[str, list[dict]], path: Path) -> Path | None
     rows = (len(histories) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
     for ax, (step_id, history) in zip(axes.flat, histories.items()):
-        terms = sorted({k[len("loss/"):] for h in history for k in h if k.startswith("loss/")})
+        terms = sorted({k[len("loss_"):] for h in history for k in h if k.startswith("loss_")})
         for term in terms:
-            points = [(h["step"], h[f"loss/{term}"]) for h in history if f"loss/{term}" in h]
+            points = [(h["step"], h[f"loss_{term}"]) for h in history if f"loss_{term}" in h]
             ax.plot(*zip(*points), marker=".", label=term)
         ax.set_title(step_id, fontsize=9)
         ax.set_xlabel("optimizer step")

@@ -1,0 +1,106 @@
+"""Cascade plans, and a real cascade run that is killed mid-stage and resumed by running the same
+command again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckd_ray.cascade.plan import build_plan
+from ckd_ray.config import validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job(plan: str, **cascade):
+    return validate_config({
+        "models": {"student": {"preset": "tiny-student"}, "ta": {"preset": "tiny-ta"}, "teacher": {"preset": "tiny-teacher"}},
+        "data": {"benchmark_root": "data/kvqa"},
+        "cascade": {"plan": plan, **cascade},
+    })
+
+
+@pytest.mark.parametrize(
+    "plan, expected",
+    [
+        ("bottom_up", ["ta:PT", "ta:FT", "teacher:PT", "teacher:FT", "ta>student:DPT", "ta>student:SFT", "ta>student:DFT",
+                       "teacher>student:DPT", "teacher>student:SFT", "teacher>student:DFT"]),
+        ("single_teacher", ["teacher:PT", "teacher:FT", "teacher>student:DPT", "teacher>student:SFT", "teacher>student:DFT"]),
+        ("top_down", ["teacher:PT", "teacher:FT", "ta:PT", "ta:FT", "teacher>ta:DPT", "teacher>ta:SFT", "teacher>ta:DFT",
+                      "ta>student:DPT", "ta>student:SFT", "ta>student:DFT"]),
+        ("student_only", ["student:PT", "student:FT"]),
+    ],
+)
+def test_named_plans_expand_with_teacher_preparation(plan, expected):
+    steps = build_plan(job(plan))
+    assert [f"{s.teacher + '>' if s.teacher else ''}{s.learner}:{s.kind}" for s in steps] == expected
+    assert len({s.step_id for s in steps}) == len(steps)
+
+
+def test_progressive_plan_filters_hops_and_uses_stage_loss():
+    steps = build_plan(job("progressive", prepare_teachers=False))
+    assert [(s.kind, s.stage.hop_levels) for s in steps] == [
+        ("DPT", [0]), ("SFT", [0]), ("DFT", [0]), ("DFT", [0, 1]), ("DFT", [0, 1, 2])
+    ]
+    assert [s.data_kind for s in steps] == ["caption", "instruct", "instruct", "instruct", "instruct"]
+    assert steps[1].loss.weights.active() == ["task"]  # SFT trains on the task loss alone
+    assert steps[0].loss.weights.active() == ["task", "output", "visual_kl", "visual_relation"]
+
+
+def _manifest(run: Path) -> dict:
+    path = run / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"steps": {}}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "extends": str(REPO / "configs" / "tiny_cascade.yaml"),
+        "name": "resume",
+        "data": {"benchmark_root": str(kvqa_dir)},
+        "storage": {"root": str(tmp_path / "runs")},
+        "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT", "DFT"]}]},
+        "trainer": {"max_steps": 8, "micro_batch_size": 4, "num_workers": 1, "report_every": 1, "checkpoint_every": 2},
+        "evaluation": {"max_samples": 16},
+        "ray": {"num_cpus": 4},
+    }))
+    run = tmp_path / "runs" / "resume"
+    command = [str(Path(sys.executable).parent / "ckd-ray"), "cascade", str(config)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    dft_checkpoints = []
+    while time.time() < deadline and first.poll() is None:
+        steps = _manifest(run)["steps"]
+        dft = [k for k in steps if k.endswith("DFT")]
+        if dft and steps[dft[0]]["status"] == "running":
+            dft_checkpoints = list((run / "steps" / dft[0] / "train").glob("step-*/train_state.json"))
+            if dft_checkpoints:
+                break
+        time.sleep(0.5)
+    assert first.poll() is None, first.stdout.read()[-3000:]
+    assert dft_checkpoints, "the DFT step wrote no checkpoint within 10 minutes"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and its local Ray die mid-step
+    first.wait()
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)  # stragglers started with this run's paths
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-4000:]
+    assert "00-s1-teacher_to_student-SFT: done in an earlier run, skipped" in output
+    assert "resum" in output.lower()  # the DFT step picked up its checkpoint
+    manifest = _manifest(run)
+    assert [e["status"] for e in manifest["steps"].values()] == ["done", "done"]
+    assert manifest["steps"]["01-s1-teacher_to_student-DFT"]["metrics"]["step"] == 8
+    report = (run / "report.md").read_text()
+    assert "loss_terms.png" in report and (run / "loss_terms.png").exists()
