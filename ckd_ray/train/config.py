@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ckd_ray.config.base import Section
 
@@ -48,3 +48,21 @@ class TrainerConfig(Section):
     """Optimizer steps between checkpoints (one is always written at the end)."""
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts from the last checkpoint before the step fails."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Most recent checkpoints kept per step; older ones are deleted from storage."""
+
+    @property
+    def uses_bf16(self) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+
+    @model_validator(mode="after")
+    def _bf16_needs_zero(self) -> "TrainerConfig":
+        # Without ZeRO, DeepSpeed trains bf16 weights through its fp16-style optimizer, whose
+        # state has no per-parameter view to checkpoint as safetensors; ZeRO-1 has one and
+        # communicates no more than plain data parallelism.
+        if self.zero_stage == 0 and self.uses_bf16:
+            raise ValueError(
+                "zero_stage 0 cannot train in bf16 (precision bf16, or auto on GPU): "
+                "set trainer.zero_stage to 1 or more, or trainer.precision: fp32"
+            )
+        return self

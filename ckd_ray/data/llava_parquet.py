@@ -1,0 +1,174 @@
+"""LLaVA records as Parquet rows with the image bytes inline: one file set instead of a JSON list plus
+hundreds of thousands of image files, read in parallel by row group.
+
+Schema written by `write_llava_parquet`:
+
+    id string | image binary | image_path string | conversations list<struct<from, value>>
+    split string | hop int8 | question_type string | answer string | metadata string (JSON of other keys)
+
+`row_to_record` also reads Parquet written by others: `image` as bytes or as a Hugging Face
+`{bytes, path}` struct, `conversations` as a list or a JSON string, any other column as a record key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ckd_ray import storage
+from ckd_ray.data.rejects import Reject, RejectsLog
+
+TYPED_KEYS = ("id", "split", "hop", "question_type", "answer")
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    return pa.schema([
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("image_path", pa.string()),
+        ("conversations", pa.list_(turn)),
+        ("split", pa.string()),
+        ("hop", pa.int8()),
+        ("question_type", pa.string()),
+        ("answer", pa.string()),
+        ("metadata", pa.string()),
+    ])
+
+
+class UnrepresentableRecord(ValueError):
+    """A record the Parquet schema cannot hold (not UTF-8, not a JSON object, mistyped keys)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+def record_to_row(raw: bytes, image: bytes | None) -> dict:
+    """One Parquet row for a raw LLaVA record. Records that are well-typed but still bad (no response
+    turn, wrong placeholder count, missing or corrupt image) are written as they are, so reading the
+    Parquet rejects exactly what reading the JSON rejects."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UnrepresentableRecord("non-utf8", f"invalid UTF-8 at byte {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise UnrepresentableRecord("malformed-json", f"{err.msg} at character {err.pos}") from None
+    if not isinstance(record, dict):
+        raise UnrepresentableRecord("malformed-record", f"expected a JSON object, got {type(record).__name__}")
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in conversations
+    ):
+        raise UnrepresentableRecord("malformed-record", "`conversations` must be a list of {from, value} string turns")
+    hop = record.get("hop")
+    if hop is not None and (not isinstance(hop, int) or isinstance(hop, bool) or not 0 <= hop <= 127):
+        raise UnrepresentableRecord("malformed-record", f"`hop` must be an integer in 0..127, got {hop!r}")
+    for key in ("split", "question_type", "answer", "image"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise UnrepresentableRecord("malformed-record", f"`{key}` must be a string")
+    try:
+        for text in [t["value"] for t in conversations] + [str(record.get(k)) for k in (*TYPED_KEYS, "image")]:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnrepresentableRecord("non-utf8", "a string holds an unpaired surrogate (\\udXXX escape)") from None
+    raw_id = record.get("id")
+    metadata = {k: v for k, v in record.items() if k not in (*TYPED_KEYS, "image", "conversations")}
+    return {
+        "id": None if raw_id is None else str(raw_id),
+        "image": image,
+        "image_path": record.get("image"),
+        "conversations": [{"from": t["from"], "value": t["value"]} for t in conversations],
+        "split": record.get("split"),
+        "hop": hop,
+        "question_type": record.get("question_type"),
+        "answer": record.get("answer"),
+        "metadata": json.dumps(metadata),
+    }
+
+
+def row_to_record(row: dict) -> tuple[dict, bytes | None]:
+    """The LLaVA record and image bytes of one Parquet row (the inverse of `record_to_row`)."""
+    row = dict(row)
+    image = row.pop("image", None)
+    if isinstance(image, dict):  # Hugging Face `Image` feature: {bytes, path}
+        row.setdefault("image_path", image.get("path"))
+        image = image.get("bytes")
+    record = json.loads(row.pop("metadata", None) or "{}")
+    image_path = row.pop("image_path", None)
+    if isinstance(row.get("conversations"), str):
+        row["conversations"] = json.loads(row["conversations"])
+    record.update({k: v for k, v in row.items() if v is not None})
+    if image_path is not None:
+        record["image"] = image_path
+    elif image is not None:
+        record["image"] = f"{record.get('id', 'row')}.image"  # inline bytes without a name
+    return record, image
+
+
+@dataclass(frozen=True)
+class ParquetExport:
+    """What `write_llava_parquet` wrote."""
+
+    uri: str
+    num_rows: int
+    num_files: int
+    num_rejected: int
+    rejects_uri: str
+
+
+def write_llava_parquet(
+    json_uri: str,
+    image_root: str,
+    out_uri: str,
+    *,
+    rows_per_group: int = 1024,
+    rows_per_file: int = 65536,
+    rejects_uri: str | None = None,
+) -> ParquetExport:
+    """Converts a LLaVA JSON/JSONL file and its images (folder or .zip; local or s3://) into Parquet
+    files `part-00000.parquet`, ... under `out_uri`, image bytes inline, record order kept. Streams:
+    one row group in memory at a time. Records the schema cannot hold go to `rejects_uri` (default
+    `<out_uri>/_rejects.jsonl`, a name Parquet readers skip) with their reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ckd_ray.data.config import SourceConfig
+    from ckd_ray.data.sources import catalog_source, plan_reads, read_task_rows
+
+    rejects_uri = rejects_uri or storage.join(out_uri, "_rejects.jsonl")
+    source = SourceConfig(uri=json_uri, image_root=image_root)
+    plan = plan_reads([catalog_source(source)], hops=None, mix=False, seed=0, records_per_task=rows_per_group)
+    log = RejectsLog(rejects_uri, plan.num_records, max_fraction=1.0)
+    fs, out_path = storage.arrow_filesystem(out_uri)
+    schema = parquet_schema()
+    writer, num_files, rows_in_file, num_rows = None, 0, 0, 0
+    try:
+        for task in plan.tasks:
+            read = read_task_rows(task).to_pydict()
+            rows, rejects = [], []
+            # A missing image is written as a null `image`: reading the Parquet back rejects it then.
+            for ordinal, raw, image in zip(read["ordinal"], read["record"], read["image"]):
+                try:
+                    rows.append(record_to_row(raw, image))
+                except UnrepresentableRecord as err:
+                    rejects.append(Reject.of(source.label, ordinal, None, err.reason, err.detail, raw))
+            log.add(rejects)
+            if not rows:
+                continue
+            if writer is None or rows_in_file >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                fs.create_dir(out_path, recursive=True)
+                writer = pq.ParquetWriter(f"{out_path}/part-{num_files:05d}.parquet", schema, filesystem=fs)
+                num_files, rows_in_file = num_files + 1, 0
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema), row_group_size=rows_per_group)
+            rows_in_file += len(rows)
+            num_rows += len(rows)
+    finally:
+        if writer is not None:
+            writer.close()
+    summary = log.close()
+    return ParquetExport(out_uri, num_rows, num_files, summary.num_rejected, rejects_uri)

@@ -1,0 +1,199 @@
+"""The student's dataset as a Ray Data pipeline:
+
+    catalog + read plan   driver, one streaming pass per source (sources.py)
+      -> read             a Ray Data source, one CPU task per planned group of records: raw
+                          record bytes + image bytes
+      -> shuffle          Ray Data's random_shuffle seeded by data.shuffle_seed: global, reproducible
+      -> preprocess       map_batches, CPU tasks: tokens, masks, pixel values, facts (preprocess.py)
+      -> [teacher stage]  the caller appends `student.dataset.map_batches(<teacher pool>, ...)`
+      -> Ray Train        `datasets={"train": ...}`; workers read `ray.train.get_dataset_shard`
+
+Curriculum stages (seed 000) are lists of allowed hop levels, passed as `hops`; mixing weights come
+from each source's `weight`. `iter_plain_batches` runs the same stages in one process, without Ray:
+the reference the Ray pipeline is tested and benchmarked against.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from ckd_ray.data.config import DataConfig, SourceConfig
+from ckd_ray.data.preprocess import InputLimits, preprocess_rows
+from ckd_ray.data.processor import Processor
+from ckd_ray.data.rejects import RejectsLog, RejectSummary
+from ckd_ray.data.sources import READ_COLUMNS, ReadPlan, catalog_source, plan_reads, read_task_rows
+
+if TYPE_CHECKING:
+    import ray
+
+# Seed 000's progressive curriculum: visual-text alignment only, then single-hop facts, then all.
+PROGRESSIVE_CURRICULUM: tuple[tuple[int, ...], ...] = ((0,), (0, 1), (0, 1, 2))
+
+
+def plan_pass(
+    sources: Sequence[SourceConfig],
+    config: DataConfig,
+    *,
+    hops: Sequence[int] | None = None,
+    mix: bool = True,
+) -> ReadPlan:
+    """Catalogs `sources` (one streaming pass each, on the caller) and plans the read tasks of a pass."""
+    if not sources:
+        raise ValueError("no data sources given: list data.captions / data.instructions, or set data.benchmark_root")
+    catalogs = [catalog_source(source) for source in sources]
+    return plan_reads(catalogs, hops=hops, mix=mix, seed=config.shuffle_seed, records_per_task=config.records_per_read_task)
+
+
+@dataclass
+class StudentDataset:
+    """A preprocessed `ray.data.Dataset` with the column contract of `preprocess.py`, and the log
+    its preprocessing tasks send rejects to.
+
+    Preprocessing tasks fail the pipeline with `TooManyRejectsError` as soon as the rejects can no
+    longer stay under `data.max_reject_fraction` of `num_records`. After a full pass, call
+    `close_rejects()` to write the rejects file and get the counts."""
+
+    dataset: "ray.data.Dataset"
+    plan: ReadPlan
+    rejects_log: "ray.actor.ActorHandle"
+    rejects_uri: str
+
+    @property
+    def num_records(self) -> int:
+        return self.plan.num_records
+
+    def close_rejects(self) -> RejectSummary:
+        """Writes the rejects file; raises `TooManyRejectsError` if the pass went over the threshold."""
+        import ray
+
+        return ray.get(self.rejects_log.close.remote()).raise_if_exceeded()
+
+
+def build_student_dataset(
+    sources: Sequence[SourceConfig],
+    processor: Processor,
+    config: DataConfig,
+    *,
+    rejects_uri: str,
+    hops: Sequence[int] | None = None,
+    shuffle: bool = True,
+    mix: bool = True,
+) -> StudentDataset:
+    """Builds the lazy read -> shuffle -> preprocess pipeline over `sources`.
+
+    `hops`: the curriculum stage's allowed hop levels (None: all). `shuffle`: a global shuffle seeded
+    by `data.shuffle_seed`: the same order on every run and every execution of the dataset (rebuild
+    with another seed for another order). It is an all-to-all exchange of the encoded records and
+    images; for a set larger than the object store, pass shuffle=False and shuffle locally in the
+    trainer (`iter_torch_batches(local_shuffle_buffer_size=...)`). `mix`: subsample sources to
+    their `weight` shares.
+    `rejects_uri`: the JSONL file (local or s3://) that rejected records go to, next to the run's
+    outputs. Append a teacher stage with `student.dataset.map_batches(...)`."""
+    import ray
+
+    plan = plan_pass(sources, config, hops=hops, mix=mix)
+    rejects_log = ray.remote(RejectsLog).options(num_cpus=0).remote(rejects_uri, plan.num_records, config.max_reject_fraction)
+    dataset = ray.data.read_datasource(_planned_datasource(plan))
+    if shuffle:
+        # Before preprocessing: the exchange moves encoded records and images, not the tensors
+        # they grow into (pixel values are ~40x the PNG bytes here).
+        dataset = dataset.random_shuffle(seed=config.shuffle_seed)
+    dataset = dataset.map_batches(
+        _preprocess_batch,
+        batch_size=config.preprocess_batch_size,
+        batch_format="numpy",
+        fn_kwargs={"processor": processor, "limits": InputLimits.from_config(config), "rejects_log": rejects_log},
+    )
+    # Keep block order through the map stages, so the shuffled order is the order consumers see.
+    dataset.context.execution_options.preserve_order = True
+    return StudentDataset(dataset, plan, rejects_log, rejects_uri)
+
+
+def _planned_datasource(plan: ReadPlan):
+    """A Ray Data source with one read task per planned group of records: each task reads one slice
+    of one file (one ranged GET on S3) and the images its records name."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class PlannedRecords(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(_estimated_bytes(task) for task in plan.tasks)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            # The plan fixes the tasks (exact record groups); `parallelism` is only a hint.
+            return [
+                ReadTask(
+                    functools.partial(_read_blocks, task),
+                    BlockMetadata(
+                        num_rows=len(task["ordinals"]),
+                        size_bytes=_estimated_bytes(task),
+                        exec_stats=None,
+                        input_files=(task["uri"],),
+                    ),
+                )
+                for task in plan.tasks
+            ]
+
+    return PlannedRecords()
+
+
+def _estimated_bytes(task: dict) -> int:
+    if "byte_ranges" in task:
+        return int((task["byte_ranges"][:, 1] - task["byte_ranges"][:, 0]).sum() * 2)  # + images
+    return 4096 * len(task["ordinals"])
+
+
+def _read_blocks(task: dict) -> list:
+    return [read_task_rows(task)]
+
+
+def _preprocess_batch(rows: dict[str, np.ndarray], processor: Processor, limits: InputLimits, rejects_log):
+    import ray
+
+    samples, rejects, truncated = preprocess_rows(rows, processor, limits)
+    if rejects or truncated:
+        summary = ray.get(rejects_log.add.remote(rejects, truncated))  # small: rejects carry a truncated repr
+        summary.raise_if_exceeded()  # fails the pipeline, and with it the job that consumes it
+    if samples is not None:
+        yield samples
+
+
+def iter_plain_batches(
+    sources: Sequence[SourceConfig],
+    processor: Processor,
+    config: DataConfig,
+    *,
+    rejects_uri: str,
+    hops: Sequence[int] | None = None,
+    shuffle: bool = True,
+    mix: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The same stages as `build_student_dataset` in one process: same records, same columns, same
+    rejects, and without `shuffle` the same order (its shuffle is a seeded permutation, not Ray's).
+    Holds all read rows (encoded records and images) in memory, so it is for tests, debugging and
+    benchmarks, not for a 665k-record set.
+
+    Batches have up to `data.preprocess_batch_size` rows (fewer where records were rejected). The
+    rejects file is written when the iteration ends; `TooManyRejectsError` is raised then, or as soon
+    as the threshold can no longer be met."""
+    import pyarrow as pa
+
+    plan = plan_pass(sources, config, hops=hops, mix=mix)
+    log = RejectsLog(rejects_uri, plan.num_records, config.max_reject_fraction)
+    limits = InputLimits.from_config(config)
+    table = pa.concat_tables([read_task_rows(task) for task in plan.tasks])
+    if shuffle:
+        table = table.take(np.random.default_rng(config.shuffle_seed).permutation(table.num_rows))
+    for start in range(0, table.num_rows, config.preprocess_batch_size):
+        chunk = table.slice(start, config.preprocess_batch_size)
+        rows = {name: np.asarray(chunk.column(name).to_pylist(), dtype=object) for name in READ_COLUMNS}
+        samples, rejects, truncated = preprocess_rows(rows, processor, limits)
+        if rejects or truncated:
+            log.add(rejects, truncated).raise_if_exceeded()
+        if samples is not None:
+            yield samples
+    log.close().raise_if_exceeded()

@@ -1,0 +1,343 @@
+"""Reading sources: a catalog pass that locates and labels every record, a read plan that selects
+(split, curriculum hops, mixing draws) and groups records into read tasks, and the read task itself,
+which turns a group of records into uniform rows for preprocessing:
+
+    source str | ordinal int64 | record binary (raw JSON) | image binary | read_error str
+
+The catalog runs once on the driver and streams (see `llava_json.py`); it keeps a few bytes per
+record, so selection and mixing are decided exactly, before any task runs, and the number of records
+a pass reads (the denominator of the reject fraction) is known up front.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import zipfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ckd_ray import storage
+from ckd_ray.data.config import SourceConfig
+from ckd_ray.data.llava_json import iter_json_records, parse_record
+from ckd_ray.data.llava_parquet import row_to_record
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+UNLABELED = 3  # the record has no (valid) `split` key
+UNREADABLE = -1  # the record does not parse: always selected, so that preprocessing rejects it
+
+
+@dataclass(frozen=True)
+class SourceCatalog:
+    """Every record of one source in file order (its index is the record's `ordinal`): where it is
+    (`locator` rows: (0, byte start, byte end) in the JSON file, or (file index, row group, row) for
+    Parquet), its split code and its hop level (-1 when unreadable)."""
+
+    source: SourceConfig
+    files: tuple[str, ...]
+    locator: np.ndarray  # int64 [N, 3]
+    split: np.ndarray  # int8 [N]
+    hop: np.ndarray  # int8 [N]
+
+    @property
+    def num_records(self) -> int:
+        return len(self.split)
+
+    def select(self, hops: Sequence[int] | None) -> np.ndarray:
+        """Records in the source's split and in `hops` (None: all), plus unreadable ones."""
+        unreadable = (self.split == UNREADABLE) | (self.hop < 0)
+        wanted = np.ones(self.num_records, dtype=bool)
+        if self.source.split is not None:
+            wanted &= self.split == SPLIT_CODES[self.source.split]
+        if hops is not None:
+            wanted &= np.isin(self.hop, np.asarray(list(hops), dtype=np.int8))
+        return wanted | unreadable
+
+
+def catalog_source(source: SourceConfig) -> SourceCatalog:
+    """One streaming pass over a source (local or S3) that records each record's location and labels."""
+    if source.format == "llava_json":
+        return _catalog_json(source)
+    return _catalog_parquet(source)
+
+
+def _labels(record: dict | None) -> tuple[int, int]:
+    if record is None:
+        return UNREADABLE, -1
+    split = record.get("split")
+    hop = record.get("hop", 0)
+    valid_hop = isinstance(hop, int) and not isinstance(hop, bool) and 0 <= hop <= 127
+    return SPLIT_CODES.get(split, UNLABELED) if isinstance(split, str) else UNLABELED, hop if valid_hop else -1
+
+
+def _catalog_json(source: SourceConfig) -> SourceCatalog:
+    fs, path = storage.arrow_filesystem(source.uri)
+    locator, labels = [], []
+    # compression=None: byte offsets must be offsets in the stored object, for ranged reads later.
+    with fs.open_input_stream(path, compression=None) as stream:
+        for record in iter_json_records(stream, name=source.uri):
+            locator.append((0, record.start, record.end))
+            labels.append(_labels(record.value))
+    return _catalog(source, (source.uri,), locator, labels)
+
+
+def _catalog_parquet(source: SourceConfig) -> SourceCatalog:
+    import pyarrow.parquet as pq
+
+    files = parquet_files(source.uri)
+    locator, labels = [], []
+    for file_index, uri in enumerate(files):
+        fs, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            num_rows = parquet.metadata.num_rows
+            names = [n for n in ("split", "hop") if n in parquet.schema_arrow.names]
+            columns = parquet.read(columns=names).to_pydict() if names else {}
+            splits, hops = columns.get("split", [None] * num_rows), columns.get("hop", [None] * num_rows)
+            row = 0
+            for group in range(parquet.num_row_groups):
+                for in_group in range(parquet.metadata.row_group(group).num_rows):
+                    locator.append((file_index, group, in_group))
+                    labels.append(_labels({"split": splits[row], "hop": 0 if hops[row] is None else hops[row]}))
+                    row += 1
+    return _catalog(source, tuple(files), locator, labels)
+
+
+def _catalog(source: SourceConfig, files: tuple[str, ...], locator: list, labels: list) -> SourceCatalog:
+    return SourceCatalog(
+        source=source,
+        files=files,
+        locator=np.asarray(locator, dtype=np.int64).reshape(-1, 3),
+        split=np.asarray([s for s, _ in labels], dtype=np.int8),
+        hop=np.asarray([h for _, h in labels], dtype=np.int8),
+    )
+
+
+def parquet_files(uri: str) -> list[str]:
+    """`uri` itself if it is a Parquet file, else the `*.parquet` files under it (sorted; names that
+    start with `_` or `.` are skipped, as Parquet dataset readers do)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.arrow_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.NotFound and not storage.is_s3(uri):
+        raise FileNotFoundError(f"Parquet source {uri!r} does not exist")
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    names = sorted(
+        f.path[len(path) :].lstrip("/")
+        for f in found
+        if f.type == pafs.FileType.File and f.path.endswith(".parquet") and not f.base_name.startswith(("_", "."))
+    )
+    if not names:
+        raise FileNotFoundError(f"no *.parquet files under {uri!r}")
+    return [storage.join(uri, name) for name in names]
+
+
+def hash_uniform(seed: int, salt: int, ordinals: np.ndarray) -> np.ndarray:
+    """A deterministic uint64 hash of (seed, salt, ordinal) (splitmix64 finalizer), vectorized: a
+    record's mixing draw depends on nothing but its identity, not on file layout or task order."""
+    base = np.uint64((seed * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64))
+    with np.errstate(over="ignore"):
+        z = np.asarray(ordinals, dtype=np.uint64) + base
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def mixing_rates(weights: Sequence[float], counts: Sequence[int]) -> list[float]:
+    """Per-source keep rates so that the mix holds each source in proportion to its weight, as large
+    as possible without repeating records: the source with the fewest records per unit of weight is
+    used whole, the others are subsampled."""
+    total_weight = sum(weights)
+    shares = [w / total_weight for w in weights]
+    size = min(n / share for n, share in zip(counts, shares))
+    return [min(1.0, share * size / n) for n, share in zip(counts, shares)]
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """The read tasks of one pass and how many records they read, per source. A task is a small dict:
+    source, format, file, image root, and numpy arrays of its records' ordinals and locations (a
+    few bytes per record, so a 665k-record plan stays a few MB on the driver)."""
+
+    tasks: list[dict]
+    records_per_source: dict[str, int]
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.records_per_source.values())
+
+
+def plan_reads(
+    catalogs: Sequence[SourceCatalog],
+    *,
+    hops: Sequence[int] | None,
+    mix: bool,
+    seed: int,
+    records_per_task: int,
+) -> ReadPlan:
+    """Selects records (split, `hops`), draws the mix (`mix`: per-source rates from the weights,
+    decided by a hash of (seed, source, ordinal)), and groups the kept records into read tasks of
+    at most `records_per_task` consecutive records (Parquet: also within one row group)."""
+    selected = [catalog.select(hops) for catalog in catalogs]
+    empty = [c.source.label for c, s in zip(catalogs, selected) if not s.any()]
+    if empty:
+        levels = list(hops) if hops is not None else "any"
+        raise ValueError(
+            f"sources {empty} have no records in their split with hop levels {levels}: "
+            "check each source's `split` and the curriculum stage's hops"
+        )
+    counts = [int(s.sum()) for s in selected]
+    rates = mixing_rates([c.source.weight for c in catalogs], counts) if mix else [1.0] * len(catalogs)
+    tasks: list[dict] = []
+    records_per_source: dict[str, int] = {}
+    for index, (catalog, wanted, rate) in enumerate(zip(catalogs, selected, rates)):
+        ordinals = np.arange(catalog.num_records)
+        draw = (hash_uniform(seed, index, ordinals).astype(np.float64) / 2.0**64 < rate) | (rate >= 1.0)
+        unreadable = (catalog.split == UNREADABLE) | (catalog.hop < 0)
+        kept = np.flatnonzero(wanted & (draw | unreadable))
+        records_per_source[catalog.source.label] = len(kept)
+        tasks.extend(_group_into_tasks(catalog, kept, records_per_task))
+    return ReadPlan(tasks, records_per_source)
+
+
+def _group_into_tasks(catalog: SourceCatalog, kept: np.ndarray, records_per_task: int) -> list[dict]:
+    source = catalog.source
+    base = {"source": source.label, "format": source.format, "image_root": source.image_root}
+    if source.format == "llava_json":
+        return [
+            {**base, "uri": catalog.files[0], "ordinals": chunk, "byte_ranges": catalog.locator[chunk, 1:]}
+            for chunk in np.split(kept, np.arange(records_per_task, len(kept), records_per_task))
+            if len(chunk)
+        ]
+    tasks = []
+    group_of = catalog.locator[kept, 0] * (1 << 32) + catalog.locator[kept, 1]
+    for group in np.unique(group_of):
+        in_group = kept[group_of == group]
+        for chunk in np.split(in_group, np.arange(records_per_task, len(in_group), records_per_task)):
+            file_index, row_group = (int(x) for x in catalog.locator[chunk[0], :2])
+            tasks.append({
+                **base, "uri": catalog.files[file_index], "row_group": row_group, "ordinals": chunk, "rows": catalog.locator[chunk, 2]
+            })
+    return tasks
+
+
+class ImageStore:
+    """Reads the images records name, from a folder or a `.zip` archive, local or on S3. Keeps the
+    last image read: questions about one image sit next to each other in LLaVA-style files."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._fs, self._path = storage.arrow_filesystem(root)
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_handle = None
+        self._last: tuple[str, bytes] | None = None
+
+    def read(self, name: str) -> bytes:
+        """The bytes of image `name` (relative to the root); FileNotFoundError if it is not there."""
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        relative = posixpath.normpath(name.replace("\\", "/"))
+        if relative.startswith("../") or relative == ".." or posixpath.isabs(relative):
+            raise FileNotFoundError(f"{name!r} points outside the image root {self.root}")
+        data = self._read_zip(relative) if self.root.lower().endswith(".zip") else self._read_file(relative)
+        self._last = (name, data)
+        return data
+
+    def _read_zip(self, relative: str) -> bytes:
+        if self._zip is None:
+            # A random-access handle: on S3 each member read is a ranged GET, not a full download.
+            self._zip_handle = self._fs.open_input_file(self._path)
+            self._zip = zipfile.ZipFile(self._zip_handle)
+        try:
+            return self._zip.read(relative)
+        except KeyError:
+            raise FileNotFoundError(f"{relative!r} is not in {self.root}") from None
+
+    def _read_file(self, relative: str) -> bytes:
+        import pyarrow.fs as pafs
+
+        path = f"{self._path.rstrip('/')}/{relative}"
+        try:
+            with self._fs.open_input_file(path) as handle:
+                return handle.read()
+        except OSError:
+            # Only a confirmed absence is a missing image; a network error stays an error.
+            if self._fs.get_file_info(path).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"{relative!r} not found in {self.root}") from None
+            raise
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip_handle.close()
+
+    def __enter__(self) -> "ImageStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+READ_COLUMNS = ("source", "ordinal", "record", "image", "read_error")
+
+
+def read_task_rows(task: dict):
+    """Runs one read task: the uniform rows (a pyarrow Table, `READ_COLUMNS`) of its records."""
+    import pyarrow as pa
+
+    if task["format"] == "llava_json":
+        records, images, errors = _read_json_task(task)
+    else:
+        records, images, errors = _read_parquet_task(task)
+    ordinals = task["ordinals"]
+    return pa.table({
+        "source": pa.array([task["source"]] * len(ordinals), pa.string()),
+        "ordinal": pa.array(ordinals, pa.int64()),
+        "record": pa.array(records, pa.binary()),
+        "image": pa.array(images, pa.binary()),
+        "read_error": pa.array(errors, pa.string()),
+    })
+
+
+def _read_json_task(task: dict):
+    fs, path = storage.arrow_filesystem(task["uri"])
+    ranges = task["byte_ranges"]
+    low, high = int(ranges[0, 0]), int(ranges[-1, 1])
+    with fs.open_input_file(path) as handle:
+        blob = handle.read_at(high - low, low)  # one ranged read for the whole task
+    records, images, errors = [], [], []
+    with ImageStore(task["image_root"]) as store:
+        for start, end in (ranges - low).tolist():
+            raw = blob[start:end]
+            value = parse_record(raw)
+            image, error = None, ""
+            if value is not None and isinstance(value.get("image"), str):
+                try:
+                    image = store.read(value["image"])
+                except FileNotFoundError as err:
+                    error = f"missing-image: {err}"
+            records.append(raw)
+            images.append(image)
+            errors.append(error)
+    return records, images, errors
+
+
+def _read_parquet_task(task: dict):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_filesystem(task["uri"])
+    with fs.open_input_file(path) as handle:
+        table = pq.ParquetFile(handle).read_row_group(task["row_group"])
+    rows = table.take(pa.array(task["rows"])).to_pylist()
+    records, images = [], []
+    for row in rows:
+        record, image = row_to_record(row)
+        records.append(json.dumps(record).encode())
+        images.append(image)
+    return records, images, [""] * len(rows)

@@ -1,0 +1,379 @@
+"""The Ray Train worker of one training step: restore or build the DeepSpeed student, train on
+this worker's data shard from the saved data position, report, checkpoint, validate.
+
+`train_step` is the whole optimisation step; everything else here is wiring around it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ckd_ray import storage
+from ckd_ray.losses import IGNORE_INDEX, FeatureProjection, StudentOutputs, TeacherSignalBatch, distillation_loss, task_loss
+from ckd_ray.losses.config import LossConfig
+from ckd_ray.models.builder import apply_freeze, load_model
+from ckd_ray.observability.metrics import GpuSampler, StudentMetrics
+from ckd_ray.train.batch import StudentBatch, student_batch
+from ckd_ray.train.checkpoint import (
+    MODEL_DIR,
+    TrainState,
+    load_projection,
+    read_state,
+    restore_optimizer_state,
+    write_checkpoint,
+)
+from ckd_ray.train.engine import OptimizerPlan, StudentWithProjection, build_engine, deepspeed_config
+
+# decode_signal(batch of numpy columns, device=...) -> the losses' TeacherSignalBatch
+SignalDecoder = Callable[..., TeacherSignalBatch]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything a worker needs to run one training step, resolved on the driver."""
+
+    label: str
+    """Names the step in progress lines, e.g. "ta->student/DPT"."""
+    job_name: str
+    stage: str
+    kind: str
+    init_model_uri: str
+    """Hugging Face directory (local or s3://) the step starts from."""
+    trust_remote_code: bool
+    freeze_policy: str
+    loss: LossConfig
+    """The effective loss, weights resolved."""
+    optimizer: OptimizerPlan
+    micro_batch_size: int
+    grad_accum: int
+    grad_clip: float
+    zero_stage: int
+    bf16: bool
+    num_workers: int
+    batches_per_epoch: int
+    """Micro-batches in each worker's shard of one epoch."""
+    report_every: int
+    checkpoint_every: int
+    seed: int
+    teacher_hidden_size: int | None
+    """Width of the teacher features the projection maps from (only with the `feature` term)."""
+    has_validation: bool
+    """A "val" dataset is attached: validate at the end of the step."""
+
+    @property
+    def total_steps(self) -> int:
+        return self.optimizer.total_steps
+
+
+def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: LossConfig) -> dict[str, torch.Tensor]:
+    """One micro-batch: student forward, weighted loss against the teacher signal, backward, and
+    DeepSpeed's step (which averages gradients across workers and applies clipping, AdamW and the
+    lr schedule at the end of each gradient-accumulation window). Returns each loss term."""
+    weights = loss.weights
+    outputs = engine(
+        **batch.model_inputs(),
+        output_hidden_states=weights.feature > 0,
+        output_attentions=weights.attention > 0,
+        use_cache=False,
+    )
+    student = StudentOutputs(outputs.logits, outputs.hidden_states, outputs.attentions)
+    total, terms = distillation_loss(
+        weights,
+        student,
+        signal,
+        target_ids_BL=batch.target_ids_BL,
+        response_mask_BL=batch.response_mask_BL,
+        visual_mask_BL=batch.visual_mask_BL,
+        temperature=loss.temperature,
+        kl_direction=loss.kl_direction,
+        chunk_size=loss.chunk_size,
+        projection=engine.module.projection,
+    )
+    engine.backward(total)
+    engine.step()
+    return terms
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train entry point. `config`: {"plan": StepPlan, "decode_signal": SignalDecoder | None}."""
+    plan: StepPlan = config["plan"]
+    decode_signal: SignalDecoder | None = config["decode_signal"]
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    engine, state = restore_or_build(plan, device)
+    pixel_dtype = torch.bfloat16 if plan.bf16 else torch.float32
+    finished_before = state.step >= plan.total_steps
+    student_metrics = StudentMetrics(plan.job_name, plan.stage, plan.kind, worker=str(rank))
+    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), rank, student_metrics)
+    gpu_sampler = GpuSampler(role="student", job=plan.job_name).start()
+
+    engine.train()
+    window = ReportWindow()
+    batches = micro_batches(ray.train.get_dataset_shard("train"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
+    while state.step < plan.total_steps:
+        epoch, index, batch, waited_s = next(batches)
+        started = time.perf_counter()
+        at_boundary = engine.is_gradient_accumulation_boundary()  # before step() advances it
+        lr = engine.get_lr()[0]
+        signal = decode_signal(batch, device=device) if decode_signal else TeacherSignalBatch()
+        terms = train_step(engine, student_batch(batch, device, pixel_dtype), signal, plan.loss)
+        window.add(terms, batch, busy_s=time.perf_counter() - started, waited_s=waited_s)
+        state.epoch, state.batches_in_epoch = next_position(epoch, index, plan.batches_per_epoch)
+        if not at_boundary:
+            continue
+        state.step += 1
+        student_metrics.record_step(**window.close_step(), lr=lr)
+        if state.step == plan.total_steps:
+            break
+        if state.step % plan.report_every == 0 or state.step % plan.checkpoint_every == 0:
+            checkpoint = state.step % plan.checkpoint_every == 0
+            report(state, window.flush(state, lr), checkpoint=checkpoint)
+
+    metrics = window.flush(state, lr) if not finished_before else {"step": state.step}
+    if plan.has_validation:
+        metrics.update(validate(engine, ray.train.get_dataset_shard("val"), plan, device, pixel_dtype))
+    # A step that had finished before keeps its final checkpoint: registering the same folder
+    # twice would let checkpoint retention delete the folder the latest entry points to.
+    report(state, metrics, checkpoint=not finished_before)
+    gpu_sampler.stop()
+
+
+def restore_or_build(plan: StepPlan, device: torch.device):
+    """The DeepSpeed engine and train state: from the latest checkpoint Ray Train hands this run
+    (after a worker-group restart, or when a resubmitted job finds one in the run folder), else
+    fresh from the step's initial model."""
+    fresh = TrainState(num_workers=plan.num_workers, micro_batch_size=plan.micro_batch_size, schedule=asdict(plan.optimizer))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return build_student(plan, device, None, fresh), fresh
+    with checkpoint.as_directory() as directory:
+        state = read_state(directory)
+        changed = [
+            f"{name} {getattr(state, name)} -> {getattr(fresh, name)}"
+            for name in ("num_workers", "micro_batch_size", "schedule")
+            if getattr(state, name) != getattr(fresh, name)
+        ]
+        if changed:
+            raise ValueError(
+                f"step {plan.label} cannot resume from {checkpoint.path}: it was written with other settings "
+                f"({'; '.join(changed)}), and the data position counts micro-batches of each worker's shard while "
+                "the lr schedule depends on the step count. Restore the trainer settings, or delete the step's "
+                "output folder to start the step over"
+            )
+        state.resumed_from.append(state.step)
+        return build_student(plan, device, Path(directory), state), state
+
+
+def build_student(plan: StepPlan, device: torch.device, checkpoint_dir: Path | None, state: TrainState):
+    """Loads the student (eager attention only when attention maps are distilled: SDPA does not
+    return them), applies the step's freeze policy, adds the feature projection, wraps both in
+    DeepSpeed and, when resuming, writes the checkpoint's optimizer state back."""
+    weights = plan.loss.weights
+    student = load_model(
+        str(checkpoint_dir / MODEL_DIR) if checkpoint_dir else plan.init_model_uri,
+        attn_implementation="eager" if weights.attention > 0 else "sdpa",
+        dtype=torch.float32,  # with bf16 on, DeepSpeed casts the weights and keeps fp32 masters
+        trust_remote_code=plan.trust_remote_code,
+    )
+    apply_freeze(student, plan.freeze_policy)
+    projection = None
+    if weights.feature > 0:
+        torch.manual_seed(plan.seed)
+        projection = FeatureProjection(plan.loss.feature_layers, student.config.text_config.hidden_size, plan.teacher_hidden_size)
+        if checkpoint_dir:
+            load_projection(projection, checkpoint_dir)
+    module = StudentWithProjection(student, projection).to(device)
+    ds_config = deepspeed_config(
+        micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum, grad_clip=plan.grad_clip,
+        zero_stage=plan.zero_stage, bf16=plan.bf16,
+    )
+    engine, _ = build_engine(module, plan.optimizer, ds_config, start_step=state.step)
+    if checkpoint_dir and state.step > 0:
+        restore_optimizer_state(engine, checkpoint_dir, state.step)
+    return engine
+
+
+def micro_batches(shard, batch_size: int, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict, float]]:
+    """(epoch, index in the epoch, batch, seconds spent waiting for it), epoch after epoch, from a
+    data position on: the first `skip` micro-batches of `start_epoch` are read and dropped (they
+    were trained on before the checkpoint). Shards are deterministic (ordered ingest, no
+    locality-based assignment), so the dropped batches are exactly the ones trained on."""
+    epoch = start_epoch
+    while True:
+        num_batches = 0
+        wait_started = time.perf_counter()
+        for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)):
+            num_batches += 1
+            if epoch == start_epoch and index < skip:
+                continue
+            yield epoch, index, batch, time.perf_counter() - wait_started
+            wait_started = time.perf_counter()
+        if num_batches == 0:
+            raise RuntimeError("this worker's data shard is empty: the step has fewer samples than workers")
+        epoch += 1
+
+
+def next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, int]:
+    """The data position after training on micro-batch `index` of `epoch`; a finished epoch
+    rolls over, so a resume does not read a whole epoch only to drop it."""
+    if index + 1 >= batches_per_epoch:
+        return epoch + 1, 0
+    return epoch, index + 1
+
+
+class Reporter:
+    """Reports from every worker (`ray.train.report` is a barrier: all must call it alike) and,
+    with `checkpoint`, has every worker take part in gathering the weights and optimizer state
+    that rank 0 then uploads. Rank 0 prints one progress line per report."""
+
+    def __init__(self, engine, plan: StepPlan, processor_dir, rank: int, student_metrics: StudentMetrics):
+        self.engine, self.plan, self.processor_dir, self.rank = engine, plan, processor_dir, rank
+        self.student_metrics = student_metrics
+
+    def __call__(self, state: TrainState, metrics: dict, *, checkpoint: bool) -> None:
+        state.history.append(metrics)
+        if self.rank == 0:
+            # Not print(): Ray Train routes print through its logger and echoes it, two lines a report.
+            sys.stdout.write(progress_line(self.plan, metrics) + "\n")
+            sys.stdout.flush()
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="ckd-checkpoint-") as directory:
+            write_checkpoint(self.engine, state, directory, processor_dir=self.processor_dir, is_writer=self.rank == 0)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None,
+                checkpoint_dir_name=f"step-{state.step:07d}",
+            )
+        self.student_metrics.record_checkpoint(time.perf_counter() - started)
+
+
+def progress_line(plan: StepPlan, metrics: dict) -> str:
+    parts = [f"[{plan.label}] step {metrics['step']}/{plan.total_steps}"]
+    if "loss" in metrics:
+        terms = ", ".join(f"{name[5:]} {value:.4f}" for name, value in metrics.items() if name.startswith("loss_"))
+        parts.append(f"loss {metrics['loss']:.4f} ({terms})")
+        parts.append(f"{metrics['tokens_per_s']:.0f} tok/s, {metrics['step_time_s']:.2f} s/step "
+                     f"({metrics['data_wait_s']:.2f} s data wait), lr {metrics['lr']:.2e}")
+    if "val_loss" in metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}, val_accuracy {metrics['val_accuracy']:.3f}")
+    return " | ".join(parts)
+
+
+@torch.no_grad()
+def validate(engine, shard, plan: StepPlan, device: torch.device, pixel_dtype: torch.dtype) -> dict[str, float]:
+    """Task loss and next-token accuracy over the response tokens of the validation data, both
+    token-weighted means over all workers' shards."""
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss x tokens, correct tokens, tokens
+    for batch in shard.iter_batches(batch_size=plan.micro_batch_size, batch_format="numpy", drop_last=False):
+        inputs = student_batch(batch, device, pixel_dtype)
+        logits_BLV = engine(**inputs.model_inputs(), use_cache=False).logits
+        mask_BL = inputs.response_mask_BL & (inputs.target_ids_BL != IGNORE_INDEX)
+        loss = task_loss(logits_BLV, inputs.target_ids_BL, inputs.response_mask_BL, chunk_size=plan.loss.chunk_size)
+        correct = (logits_BLV[mask_BL].argmax(dim=-1) == inputs.target_ids_BL[mask_BL]).sum()
+        num_tokens = mask_BL.sum()
+        sums += torch.stack([loss.double() * num_tokens, correct.double(), num_tokens.double()]).cpu()
+    loss_sum, correct, tokens = _all_reduce_sum(sums).tolist()  # host sync
+    if tokens == 0:
+        return {"val_tokens": 0.0}
+    return {"val_loss": loss_sum / tokens, "val_accuracy": correct / tokens, "val_tokens": tokens}
+
+
+@dataclass
+class Tally:
+    """Sums over micro-batches on this worker."""
+
+    micro_batches: int = 0
+    samples: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    waited_s: float = 0.0
+    term_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, terms: dict[str, torch.Tensor], *, samples: int, tokens: int, busy_s: float, waited_s: float) -> None:
+        for name, value in terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + value.detach().double().cpu()
+        self.micro_batches += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.busy_s += busy_s
+        self.waited_s += waited_s
+
+
+class ReportWindow:
+    """What happened since the last report (`flush`, averaged over workers, for ray.train.report)
+    and since the last optimizer step (`close_step`, this worker's, for Prometheus)."""
+
+    def __init__(self):
+        self.window, self.step, self.num_steps = Tally(), Tally(), 0
+
+    def add(self, terms: dict[str, torch.Tensor], batch: dict, *, busy_s: float, waited_s: float) -> None:
+        counts = dict(samples=len(batch["input_ids"]), tokens=int(np.asarray(batch["attention_mask"]).sum()),
+                      busy_s=busy_s, waited_s=waited_s)
+        self.window.add(terms, **counts)
+        self.step.add(terms, **counts)
+
+    def close_step(self) -> dict:
+        """This worker's step time, data wait, tokens and mean loss terms of the optimizer step
+        that just ended."""
+        step, self.step = self.step, Tally()
+        self.num_steps += 1
+        return {
+            "step_time_s": step.busy_s + step.waited_s,
+            "data_wait_s": step.waited_s,
+            "num_tokens": step.tokens,
+            "loss_terms": {name: float(total) / step.micro_batches for name, total in step.term_sums.items()},
+        }
+
+    def flush(self, state: TrainState, lr: float) -> dict[str, float]:
+        """The window's metrics over all workers (collective: every worker calls it), with the
+        sample and token counts folded into `state`. Starts a new window."""
+        window, num_steps = self.window, max(self.num_steps, 1)
+        self.window, self.num_steps = Tally(), 0
+        names = sorted(window.term_sums)
+        counts = [window.micro_batches, window.samples, window.tokens, window.busy_s, window.waited_s]
+        local = torch.stack([window.term_sums[name] for name in names] + [torch.tensor(float(c), dtype=torch.float64) for c in counts])
+        summed = _all_reduce_sum(local).tolist()  # host sync, once per report
+        micro_batches, samples, tokens, busy_s, waited_s = summed[len(names):]
+        world = _world_size()
+        state.samples_seen += int(samples)
+        state.tokens_seen += int(tokens)
+        metrics = {("loss" if name == "total" else f"loss_{name}"): value / micro_batches for name, value in zip(names, summed)}
+        metrics.update(
+            step=state.step,
+            epoch=state.epoch,
+            lr=lr,
+            # training time of one worker: reports and checkpoints are not in it
+            tokens_per_s=tokens / max((busy_s + waited_s) / world, 1e-9),
+            step_time_s=(busy_s + waited_s) / world / num_steps,
+            data_wait_s=waited_s / world / num_steps,
+            samples_seen=state.samples_seen,
+        )
+        return metrics
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return values
+    on_device = values.to(ray.train.torch.get_device())  # NCCL reduces device tensors only
+    dist.all_reduce(on_device)
+    return on_device.cpu()
