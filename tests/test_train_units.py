@@ -222,3 +222,32 @@ def test_checkpoint_resumes_bit_identically(zero_stage, bf16, process_group, tmp
     assert "projection.projections.1.weight.exp_avg" in moments
     assert ("projection.projections.1.weight.master" in moments) == bf16
     assert not any("vision_tower" in name for name in moments)  # frozen: no optimizer state
+
+
+def test_feature_and_attention_terms_get_hidden_states_eager_attention_and_a_projection(process_group, tmp_path):
+    """With the feature and attention terms on, the student loads with eager attention (SDPA
+    returns no attention maps), the projection maps the teacher's width (tiny-ta: 192) to the
+    student's (96), and one step trains on both terms."""
+    from ckd_ray.losses import TeacherSignalBatch
+    from ckd_ray.models import build_preset, save_model
+    from ckd_ray.train.loop import build_student, train_step
+
+    save_model(build_preset("tiny-student", seed=0), tmp_path / "init")
+    job = validate_config({
+        "data": {"benchmark_root": "benchmark"},
+        "models": {"student": {"preset": "tiny-student"}, "ta": {"preset": "tiny-ta"}},
+        "loss": {"weights": {"task": 1.0, "feature": 1.0, "attention": 1.0}, "feature_layers": {1: 2}, "attention_layers": {1: 2}},
+        "trainer": {"micro_batch_size": 2, "num_workers": 1},
+    })
+    plan = plan_step(job, StageConfig(teacher="ta", steps=["DFT"]), StepConfig(kind="DFT"),
+                     init_model_uri=str(tmp_path / "init"), num_train_samples=8)
+    engine = build_student(plan, torch.device("cpu"), None, TrainState())
+    assert engine.module.student.config._attn_implementation == "eager"
+    assert engine.module.projection.projections["1"].weight.shape == (96, 192)
+
+    batch, _ = _micro_batch(0, torch.float32)
+    attention_BGLN = torch.softmax(torch.randn(2, 1, 24, 16), dim=-1)
+    signal = TeacherSignalBatch(hidden_states={2: torch.randn(2, 24, 192)}, attentions={1: attention_BGLN})
+    terms = train_step(engine, batch, signal, plan.loss)
+    assert set(terms) == {"task", "feature", "attention", "total"}
+    assert all(torch.isfinite(value) for value in terms.values())
