@@ -142,6 +142,8 @@ def download_dir(uri: str, cache_root: str | os.PathLike | None = None) -> Path:
     found = False
     for rel, obj in _s3_objects(loc):
         found = True
+        if not rel or rel.endswith("/"):
+            continue  # a "directory marker" object: nothing to download
         dest = target / rel
         stamp = dest.with_name(f".{dest.name}.etag")
         etag = f"{obj['Size']}:{obj['ETag']}"

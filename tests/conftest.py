@@ -78,9 +78,10 @@ def s3_bucket(s3_server, request):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """One local Ray for the whole session. More logical CPUs than the machine's 2 cores, so a
-    pipeline with a teacher pool and 2 Train workers is not starved of CPU slots."""
+    pipeline with a teacher pool and 2 Train workers is not starved of CPU slots. It starts
+    after the S3 server, so Ray's workers inherit the endpoint and credentials."""
     import ray
 
     if not ray.is_initialized():
