@@ -105,11 +105,14 @@ def _teacher_actor_pids() -> list[int]:
     import ray
 
     raylet_pid = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    return [
-        proc.pid
-        for proc in psutil.Process(raylet_pid).children(recursive=True)
-        if "TeacherActor" in " ".join(proc.cmdline()) and proc.status() != psutil.STATUS_ZOMBIE
-    ]
+    pids = []
+    for proc in psutil.Process(raylet_pid).children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "TeacherActor" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:  # exited (or became a zombie) while we looked
+            continue
+    return pids
 
 
 def test_killed_teacher_actor_is_replaced_and_no_sample_is_lost_or_repeated(ray_local, kvqa_dir, teacher_dir, tmp_path):
@@ -164,13 +167,12 @@ def test_signal_cache_hit_starts_no_teacher_and_changed_spec_misses(ray_local, k
 
     _, _, first = attach(job)
     assert first["source"] == "teacher pool" and first["samples"] == 8
-    time.sleep(1)  # let the pool's actors exit
-    before = len(_teacher_actor_pids())
+    before = set(_teacher_actor_pids())  # the first pass's actors may still be shutting down
     dataset, spec, second = attach(job)
     rows = dataset.take_all()
     assert second == {"source": "cache hit", "key": first["key"]}
     assert len(rows) == 8 and "sig_resp_topk_ids" in rows[0] and "sig_gram" in rows[0]
-    assert len(_teacher_actor_pids()) == before == 0  # the hit started no teacher actor
+    assert not set(_teacher_actor_pids()) - before  # the hit started no teacher actor
     _, _, third = attach(job_with(4))  # another top-k: another key, a miss
     assert third["source"] == "teacher pool" and third["key"] != first["key"]
 
