@@ -32,7 +32,8 @@ def ray_head(tmp_path):
     """A real head node on loopback with its own ports and temp folder. It runs with --block in
     its own process, so stopping it ends this cluster only (`ray stop` would end every Ray
     cluster on the machine, including the test session's)."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # As after `source .venv/bin/activate`: the job's `python` is the one with the dependencies.
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dashboard_port = _free_port()
     temp_dir = Path("/tmp") / f"ckd-ray-head-{os.getpid()}-{dashboard_port}"  # socket paths must stay short
