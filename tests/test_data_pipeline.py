@@ -46,6 +46,31 @@ def test_ray_pipeline_rows_equal_the_plain_loop(ray_local, kvqa_dir, processor, 
     assert (tmp_path / "ray.jsonl").read_text() == ""
 
 
+def test_ray_workers_read_s3_json_and_zip_into_the_same_rows(ray_local, s3_bucket, kvqa_dir, processor, tmp_path):
+    import zipfile
+
+    from ckd_ray import storage
+
+    zip_path = tmp_path / "images.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for png in sorted((kvqa_dir / "images").glob("*.png")):
+            archive.write(png, png.name)
+    s3 = f"s3://{s3_bucket}/kvqa"
+    storage.write_bytes(f"{s3}/instructions.json", (kvqa_dir / "instructions.json").read_bytes())
+    storage.write_bytes(f"{s3}/images.zip", zip_path.read_bytes())
+    config = DataConfig(benchmark_root=str(kvqa_dir), records_per_read_task=512)
+    remote = SourceConfig(uri=f"{s3}/instructions.json", image_root=f"{s3}/images.zip", split="test")
+    # Read tasks run in Ray workers: ranged GETs of the JSON, member reads of the zip; rejects to S3.
+    student = build_student_dataset([remote], processor, config, rejects_uri=f"{s3}/run/rejects.jsonl", shuffle=False)
+    from_s3 = collect(student.dataset.iter_batches(batch_size=256, batch_format="numpy"))
+    local = [s.model_copy(update={"split": "test"}) for s in config.instruction_sources()]
+    plain = collect(iter_plain_batches(local, processor, config, rejects_uri=str(tmp_path / "plain.jsonl"), shuffle=False))
+    for column, values in plain.items():
+        np.testing.assert_array_equal(from_s3[column], values, err_msg=column)
+    assert student.close_rejects().num_rejected == 0
+    assert storage.read_bytes(f"{s3}/run/rejects.jsonl") == b""
+
+
 def test_ray_shuffle_is_deterministic_by_seed_and_respects_curriculum(ray_local, kvqa_dir, processor, tmp_path):
     def run(seed: int, hops=None, kind="captions") -> dict[str, np.ndarray]:
         config = DataConfig(benchmark_root=str(kvqa_dir), shuffle_seed=seed, records_per_read_task=64)

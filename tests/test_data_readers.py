@@ -1,12 +1,13 @@
-"""Readers: the streaming JSON scan, the same model inputs from a local folder, a zip, Parquet and
-s3:// (moto's server), bad records in the rejects file with their reasons, the reject threshold,
-curriculum filters, mixing ratios, the deterministic shuffle and config validation."""
+"""Readers: the streaming JSON scan, the same model inputs from a local folder, Parquet, and s3://
+on moto's server (JSON + zip, Parquet), bad records in the rejects file with their reasons, the
+reject threshold, curriculum filters, mixing ratios, the deterministic shuffle and config validation."""
 
 from __future__ import annotations
 
 import io
 import json
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from ckd_ray.data.llava_parquet import record_to_row, row_to_record, write_llava
 from ckd_ray.data.pipeline import PROGRESSIVE_CURRICULUM, iter_plain_batches, plan_pass
 from ckd_ray.data.processor import Processor
 from ckd_ray.data.rejects import TooManyRejectsError
+from ckd_ray.data.sources import catalog_source, plan_reads
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def test_json_scan_finds_every_record_whatever_the_chunking():
         list(iter_json_records(io.BytesIO(b'[{"id": "a"}, {"id": "b')))
 
 
-def test_same_model_inputs_from_folder_zip_parquet_and_s3(kvqa_dir, parquet_dir, processor, s3_bucket, tmp_path):
+def test_same_model_inputs_from_folder_parquet_and_s3(kvqa_dir, parquet_dir, processor, s3_bucket, tmp_path):
     zip_path = tmp_path / "images.zip"
     with zipfile.ZipFile(zip_path, "w") as archive:
         for png in sorted((kvqa_dir / "images").glob("*.png")):
@@ -76,7 +78,6 @@ def test_same_model_inputs_from_folder_zip_parquet_and_s3(kvqa_dir, parquet_dir,
     json_uri = str(kvqa_dir / "instructions.json")
     variants = {
         "folder": SourceConfig(uri=json_uri, image_root=str(kvqa_dir / "images"), split="val"),
-        "zip": SourceConfig(uri=json_uri, image_root=str(zip_path), split="val"),
         "parquet": SourceConfig(uri=str(parquet_dir), format="parquet", split="val"),
         "s3-json-zip": SourceConfig(uri=f"{s3}/instructions.json", image_root=f"{s3}/images.zip", split="val"),
         "s3-parquet": SourceConfig(uri=f"{s3}/parquet", format="parquet", split="val"),
@@ -207,23 +208,26 @@ def test_curriculum_stages_filter_by_hop_level(kvqa_dir, processor, tmp_path):
 
 def test_mixing_draws_sources_in_proportion_to_weights(kvqa_dir):
     config = config_for(kvqa_dir)
-    captions, instructions = config.caption_sources()[0], config.instruction_sources()[0]
-    everything = plan_pass([captions, instructions], config, mix=False).records_per_source
-    assert everything == {"kvqa-captions": 1438, "kvqa-instructions": 11504}
+    catalogs = [catalog_source(config.caption_sources()[0]), catalog_source(config.instruction_sources()[0])]
 
+    def plan(weights, mix=True, seed=0):
+        weighted = [replace(c, source=c.source.model_copy(update={"weight": w})) for c, w in zip(catalogs, weights)]
+        return plan_reads(weighted, hops=None, mix=mix, seed=seed, records_per_task=2048)
+
+    def ordinals(read_plan):
+        return np.concatenate([task["ordinals"] for task in read_plan.tasks])
+
+    assert plan((1, 1), mix=False).records_per_source == {"kvqa-captions": 1438, "kvqa-instructions": 11504}
     for weights in ((1, 1), (1, 3), (2, 1)):
-        sources = [captions.model_copy(update={"weight": weights[0]}), instructions.model_copy(update={"weight": weights[1]})]
-        plan = plan_pass(sources, config)
-        got = plan.records_per_source
-        share = got["kvqa-captions"] / plan.num_records
+        mixed = plan(weights)
+        got = mixed.records_per_source
+        share = got["kvqa-captions"] / mixed.num_records
         assert abs(share - weights[0] / sum(weights)) < 0.02, (weights, got)
         # The scarcer source (per unit of weight) is used whole; nothing is repeated.
         assert got["kvqa-captions"] == 1438 or got["kvqa-instructions"] == 11504
-        ordinals = np.concatenate([task["ordinals"] for task in plan.tasks])
-        again = np.concatenate([task["ordinals"] for task in plan_pass(sources, config).tasks])
-        np.testing.assert_array_equal(again, ordinals)  # deterministic
-        reseeded = plan_pass(sources, config_for(kvqa_dir, shuffle_seed=7))
-        assert not np.array_equal(np.concatenate([task["ordinals"] for task in reseeded.tasks]), ordinals)
+        np.testing.assert_array_equal(ordinals(plan(weights)), ordinals(mixed))  # deterministic
+        reseeded = plan(weights, seed=7)
+        assert not np.array_equal(ordinals(reseeded), ordinals(mixed))
         assert abs(reseeded.records_per_source["kvqa-captions"] / reseeded.num_records - share) < 0.02
 
 

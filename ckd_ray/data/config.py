@@ -84,7 +84,7 @@ class DataConfig(Section):
     max_facts: int = Field(default=8, ge=1)
     """Candidate facts kept per sample (`fact_token_ids` rows); further facts are not used."""
 
-    max_fact_tokens: int = Field(default=16, ge=1)
+    max_fact_tokens: int = Field(default=12, ge=1)
     """Tokens kept per fact verbalization (`fact_token_ids` columns)."""
 
     @model_validator(mode="after")

@@ -70,7 +70,7 @@ class InputLimits:
     max_length: int = 128
     over_length: Literal["truncate", "reject"] = "truncate"
     max_facts: int = 8
-    max_fact_tokens: int = 16
+    max_fact_tokens: int = 12
 
     @classmethod
     def from_config(cls, config) -> "InputLimits":
