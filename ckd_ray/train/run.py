@@ -67,10 +67,6 @@ def run_step(
     into the losses' TeacherSignalBatch; the default is `ckd_ray.teachers.decode_signal` with
     `job.signal`.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer_config = job.trainer
     if num_train_samples is None:
         num_train_samples = train_dataset.count()
     plan = plan_step(job, stage, step, init_model_uri=init_model_uri, num_train_samples=num_train_samples,
@@ -80,24 +76,9 @@ def run_step(
     elif decode_signal is None:
         decode_signal = default_signal_decoder(job, plan.loss.attention_layers)
 
-    storage_path, storage_filesystem = _run_storage(output_uri)
-    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"plan": plan, "decode_signal": decode_signal},
-        scaling_config=ScalingConfig(
-            num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=RUN_FOLDER,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=trainer_config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=trainer_config.keep_checkpoints),
-        ),
-        datasets={"train": train_dataset, **({"val": val_dataset} if val_dataset is not None else {})},
-        dataset_config=DataConfig(execution_options=_ordered_ingest(), enable_shard_locality=False),
-    )
+    trainer = build_trainer(job, train_worker, {"plan": plan, "decode_signal": decode_signal}, output_uri=output_uri,
+                            train_dataset=train_dataset, val_dataset=val_dataset,
+                            max_failures=job.trainer.max_failures, keep_checkpoints=job.trainer.keep_checkpoints)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"step {plan.label} finished without a checkpoint in {output_uri}")
@@ -106,6 +87,47 @@ def run_step(
     model_uri = export_student(result.checkpoint, storage.join(output_uri, EXPORT_FOLDER))
     return StepResult(model_uri=model_uri, metrics=state.history[-1], history=state.history, checkpoint_uri=checkpoint_uri,
                       num_steps=state.step, resumed_from=state.resumed_from)
+
+
+def build_trainer(
+    job: JobConfig,
+    worker_loop,
+    loop_config: dict,
+    *,
+    output_uri: str,
+    train_dataset,
+    val_dataset=None,
+    max_failures: int,
+    keep_checkpoints: int,
+    callbacks: list | None = None,
+):
+    """The Ray Train `TorchTrainer` of one step, shaped by `job.trainer`: its worker group, run
+    folder `<output_uri>/train` (local or S3, through the system's storage settings), and
+    order-preserving ingest of `train_dataset` / `val_dataset`. The cascade's `run_step` and
+    Ray Tune's trial runs both build their trainers here, so a trial trains exactly as a step does."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer_config = job.trainer
+    storage_path, storage_filesystem = _run_storage(output_uri)
+    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {})}
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=RUN_FOLDER,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=callbacks or [],
+        ),
+        datasets={"train": train_dataset, **({"val": val_dataset} if val_dataset is not None else {})},
+        dataset_config=DataConfig(execution_options=_ordered_ingest(), enable_shard_locality=False),
+    )
 
 
 def plan_step(

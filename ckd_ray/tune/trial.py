@@ -113,35 +113,17 @@ def fit_trial_run(job: JobConfig, planned: PlannedStep, *, init_model_uri: str, 
 
     Unlike a cascade step there are no restarts (a restart would replay reports Tune has already
     acted on, and a failed trial is a result of the search) and no intermediate checkpoints."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ckd_ray.train.run import _ordered_ingest, _run_storage, plan_step
+    from ckd_ray.train.run import build_trainer, plan_step
 
     tune, trainer_config = job.tune, job.trainer
     trial_job = job.model_copy(update={"trainer": trainer_config.model_copy(
         update={"report_every": tune.grace_period, "checkpoint_every": tune.max_steps_per_trial})})
     plan = plan_step(trial_job, planned.stage, planned.step.model_copy(update={"max_steps": tune.max_steps_per_trial}),
                      init_model_uri=init_model_uri, num_train_samples=num_train_samples, has_validation=val_dataset is not None)
-    storage_path, storage_filesystem = _run_storage(output_uri)
-    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {})}
-    trainer = TorchTrainer(
-        trial_worker,
-        train_loop_config={"plan": plan, "decode_signal": decode_signal,
-                           "placement_group_uri": storage.join(output_uri, PLACEMENT_GROUP_FILE)},
-        scaling_config=ScalingConfig(num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=RUN_FOLDER,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[callback],
-        ),
-        datasets={"train": train_dataset, **({"val": val_dataset} if val_dataset is not None else {})},
-        dataset_config=DataConfig(execution_options=_ordered_ingest(), enable_shard_locality=False),
-    )
+    loop_config = {"plan": plan, "decode_signal": decode_signal,
+                   "placement_group_uri": storage.join(output_uri, PLACEMENT_GROUP_FILE)}
+    trainer = build_trainer(job, trial_worker, loop_config, output_uri=output_uri, train_dataset=train_dataset,
+                            val_dataset=val_dataset, max_failures=0, keep_checkpoints=1, callbacks=[callback])
     result = trainer.fit()
     return storage.join(output_uri, RUN_FOLDER, Path(result.checkpoint.path).name), plan.total_steps
 
