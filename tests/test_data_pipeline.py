@@ -4,6 +4,7 @@ same seed, curriculum filters, and rejects collected across tasks with the thres
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from ckd_ray.data.config import DataConfig, SourceConfig
 from ckd_ray.data.pipeline import build_student_dataset, iter_plain_batches
 from ckd_ray.data.processor import Processor
 from ckd_ray.data.rejects import TooManyRejectsError
+from ckd_ray.observability.metrics import DataMetrics
 from test_data_readers import BAD_REASONS, _bad_dataset
 
 pytestmark = pytest.mark.ray
@@ -94,9 +96,14 @@ def test_ray_rejects_reach_one_file_and_the_threshold_fails_the_job(ray_local, k
     source = SourceConfig(uri=str(tmp_path / "data.json"), image_root=str(tmp_path / "images"), name="bad-set")
     # Small read tasks and batches: rejects arrive from several tasks at once.
     config = DataConfig(benchmark_root=str(kvqa_dir), max_reject_fraction=0.5, records_per_read_task=8, preprocess_batch_size=4)
-    student = build_student_dataset([source], processor, config, rejects_uri=str(tmp_path / "rejects.jsonl"))
+    tally, metrics = tallied_data_metrics(ray_local, "job", "stage", "DFT")
+    student = build_student_dataset([source], processor, config, rejects_uri=str(tmp_path / "rejects.jsonl"), metrics=metrics)
     rows = student.dataset.take_all()
     assert sorted(r["sample_id"] for r in rows) == sorted(r["id"] for r in good)
+    # The dashboards' data panels: every preprocessing task counted what it kept and rejected.
+    counts = ray_local.get(tally.counts.remote())
+    assert counts.pop(("ckd_data_samples_total", "")) == len(good)
+    assert counts == {("ckd_data_rejected_total", reason): n for reason, n in Counter(BAD_REASONS.values()).items()}
     summary = student.close_rejects()
     rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert summary.num_rejected == len(rejects) == len(BAD_REASONS)
@@ -113,3 +120,33 @@ def test_ray_rejects_reach_one_file_and_the_threshold_fails_the_job(ray_local, k
     assert raised.value.num_rejected > 0.05 * len(raw) and "records rejected" in message
     assert "data.max_reject_fraction=0.05" in message and str(tmp_path / "strict.jsonl") in message
     assert (tmp_path / "strict.jsonl").read_text()
+
+
+
+def tallied_data_metrics(ray, *labels: str):
+    """DataMetrics whose increments also reach a Ray actor that sums them per metric and reason,
+    so the test can read back what the preprocessing tasks recorded. (Defined in a function, so
+    Ray pickles the classes by value: workers cannot import this test module.)"""
+
+    class Tally:
+        def __init__(self):
+            self.totals = Counter()
+
+        def add(self, name: str, value: float, reason: str) -> None:
+            self.totals[name, reason] += value
+
+        def counts(self) -> dict:
+            return dict(self.totals)
+
+    class TalliedDataMetrics(DataMetrics):
+        def __init__(self, tally, *labels: str):
+            super().__init__(*labels)
+            self.tally = tally
+
+        def _inc(self, spec, value, **extra):
+            super()._inc(spec, value, **extra)
+            if value > 0:
+                ray.get(self.tally.add.remote(spec.name, value, extra.get("reason", "")))
+
+    tally = ray.remote(Tally).remote()
+    return tally, TalliedDataMetrics(tally, *labels)

@@ -62,18 +62,22 @@ class StepData:
     def _hops(self, planned):
         return planned.stage.hop_levels if planned.data_kind == "instruct" else None
 
-    def _build(self, name: str, sources, hops, shuffle: bool = True):
+    def _build(self, name: str, sources, hops, shuffle: bool = True, metrics=None):
         from ckd_ray.data.pipeline import build_student_dataset
 
         rejects_uri = storage.join(self.run_uri, "rejects", f"{name}.jsonl")
-        student = build_student_dataset(sources, self.processor, self.job.data, rejects_uri=rejects_uri, hops=hops, shuffle=shuffle)
+        student = build_student_dataset(sources, self.processor, self.job.data, rejects_uri=rejects_uri, hops=hops,
+                                        shuffle=shuffle, metrics=metrics)
         self._passes[name] = student
         return student.dataset
 
     def train(self, planned):
         """The step's training rows, cut to what its optimizer steps can consume: with a step
         budget (`max_steps`) neither preprocessing nor the teacher pass touches more samples."""
-        dataset = self._build(planned.step_id, self._sources(planned), self._hops(planned))
+        from ckd_ray.observability.metrics import DataMetrics
+
+        metrics = DataMetrics(self.job.name, planned.stage.label, planned.step.kind)  # the labels of the step's student metrics
+        dataset = self._build(planned.step_id, self._sources(planned), self._hops(planned), metrics=metrics)
         needed = self.samples_needed(planned)
         return dataset if needed is None else dataset.limit(needed)
 

@@ -16,6 +16,7 @@ the reference the Ray pipeline is tested and benchmarked against.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -29,6 +30,8 @@ from ckd_ray.data.sources import READ_COLUMNS, ReadPlan, catalog_source, plan_re
 
 if TYPE_CHECKING:
     import ray
+
+    from ckd_ray.observability.metrics import DataMetrics
 
 # Seed 000's progressive curriculum: visual-text alignment only, then single-hop facts, then all.
 PROGRESSIVE_CURRICULUM: tuple[tuple[int, ...], ...] = ((0,), (0, 1), (0, 1, 2))
@@ -82,6 +85,7 @@ def build_student_dataset(
     hops: Sequence[int] | None = None,
     shuffle: bool = True,
     mix: bool = True,
+    metrics: "DataMetrics | None" = None,
 ) -> StudentDataset:
     """Builds the lazy read -> shuffle -> preprocess pipeline over `sources`.
 
@@ -92,7 +96,8 @@ def build_student_dataset(
     trainer (`iter_torch_batches(local_shuffle_buffer_size=...)`). `mix`: subsample sources to
     their `weight` shares.
     `rejects_uri`: the JSONL file (local or s3://) that rejected records go to, next to the run's
-    outputs. Append a teacher stage with `student.dataset.map_batches(...)`."""
+    outputs. `metrics`: where preprocessing tasks count kept and rejected records (by reason) for
+    the dashboards. Append a teacher stage with `student.dataset.map_batches(...)`."""
     import ray
 
     plan = plan_pass(sources, config, hops=hops, mix=mix)
@@ -106,7 +111,8 @@ def build_student_dataset(
         _preprocess_batch,
         batch_size=config.preprocess_batch_size,
         batch_format="numpy",
-        fn_kwargs={"processor": processor, "limits": InputLimits.from_config(config), "rejects_log": rejects_log},
+        fn_kwargs={"processor": processor, "limits": InputLimits.from_config(config), "rejects_log": rejects_log,
+                   "metrics": metrics},
     )
     # Keep block order through the map stages, so the shuffled order is the order consumers see.
     dataset.context.execution_options.preserve_order = True
@@ -151,10 +157,14 @@ def _read_blocks(task: dict) -> list:
     return [read_task_rows(task)]
 
 
-def _preprocess_batch(rows: dict[str, np.ndarray], processor: Processor, limits: InputLimits, rejects_log):
+def _preprocess_batch(rows: dict[str, np.ndarray], processor: Processor, limits: InputLimits, rejects_log, metrics=None):
     import ray
 
     samples, rejects, truncated = preprocess_rows(rows, processor, limits)
+    if metrics is not None:
+        metrics.record_samples(0 if samples is None else len(samples["input_ids"]))
+        for reason, count in Counter(reject.reason for reject in rejects).items():
+            metrics.record_rejects(count, reason)
     if rejects or truncated:
         summary = ray.get(rejects_log.add.remote(rejects, truncated))  # small: rejects carry a truncated repr
         summary.raise_if_exceeded()  # fails the pipeline, and with it the job that consumes it
