@@ -55,6 +55,23 @@ def test_progressive_plan_filters_hops_and_uses_stage_loss():
     assert steps[0].loss.weights.active() == ["task", "output", "visual_kl", "visual_relation"]
 
 
+def test_teacher_preparation_steps_carry_their_own_budget():
+    steps = build_plan(job("single_teacher", teacher_prep_steps=["PT", {"kind": "FT", "max_steps": 300, "lr": 1e-3}]))
+    assert [(s.step_id, s.step.max_steps, s.step.lr) for s in steps[:2]] == [
+        ("00-prepare-teacher-PT", None, None), ("01-prepare-teacher-FT", 300, 1e-3)
+    ]
+    assert all(s.step.max_steps is None for s in steps[2:])  # the student's stages keep trainer.max_steps
+
+
+def test_experiment_table_leaves_preservation_undefined_for_a_teacher_scoring_zero():
+    from ckd_ray.cascade.experiment import TABLE_METRICS, ExperimentConfig, _table
+
+    experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", runs=[{"name": "kd", "plan": "single_teacher"}])
+    student = {m: 0.25 for m in TABLE_METRICS}
+    assert _table(experiment, {"kd": [student]}, {}, {m: 0.5 for m in TABLE_METRICS}).splitlines()[-1].endswith("| 0.500 |")
+    assert _table(experiment, {"kd": [student]}, {}, {m: 0.0 for m in TABLE_METRICS}).splitlines()[-1].endswith("| - |")
+
+
 def _manifest(run: Path) -> dict:
     path = run / "manifest.json"
     return json.loads(path.read_text()) if path.exists() else {"steps": {}}

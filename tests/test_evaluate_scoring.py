@@ -2,6 +2,7 @@
 
 import pytest
 
+from ckd_ray.evaluate.run import knowledge_preservation
 from ckd_ray.evaluate.scoring import (
     choice_letter,
     exact_match,
@@ -52,3 +53,9 @@ def test_score_records_per_type_and_hop():
     assert scores["hop0_acc"] == 1.0 and scores["hop1_acc"] == 0.5 and scores["hop2_acc"] == 0.5
     assert scores["accuracy"] == pytest.approx(3 / 5)
     assert scores["average"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3)
+
+
+def test_knowledge_preservation_is_the_student_share_and_undefined_without_teacher_score():
+    assert knowledge_preservation({"average": 0.3, "accuracy": 0.2}, {"average": 0.6, "accuracy": 0.8}) == pytest.approx(0.5)
+    assert knowledge_preservation({"accuracy": 0.2}, {"accuracy": 0.8}, metric="accuracy") == pytest.approx(0.25)
+    assert knowledge_preservation({"average": 0.3}, {"average": 0.0}) is None  # a teacher scoring 0 preserves nothing measurable

@@ -16,6 +16,13 @@ DISTILLATION_STEPS = ("DPT", "DFT")
 CAPTION_STEPS = ("PT", "DPT")
 
 
+def _bare_step_names(value: Any) -> Any:
+    """YAML steps may be bare names: "DPT" is `{kind: DPT}`."""
+    if isinstance(value, list):
+        return [{"kind": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
 class StepConfig(Section):
     """One training step of a stage. In YAML a bare step name ("DPT") means all defaults."""
 
@@ -50,9 +57,7 @@ class StageConfig(Section):
     @field_validator("steps", mode="before")
     @classmethod
     def _bare_names(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"kind": v} if isinstance(v, str) else v for v in value]
-        return value
+        return _bare_step_names(value)
 
     @property
     def label(self) -> str:
@@ -72,10 +77,16 @@ class CascadeConfig(Section):
     over hop levels 0, <=1, all), end_to_end (seed 000's baseline: T->S on all levels at once)."""
     prepare_teachers: bool = True
     """Train each teacher role without distillation (TinyLLaVA recipe) before it teaches."""
-    teacher_prep_steps: list[StepKind] = ["PT", "FT"]
-    """Steps of teacher preparation."""
+    teacher_prep_steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(kind=k) for k in ("PT", "FT")])
+    """Steps of teacher preparation (bare names or steps with their own budget, e.g.
+    `{kind: FT, max_steps: 300}`: a teacher usually needs more steps than the student's stages)."""
     stages: list[StageConfig] = Field(default_factory=list)
     """Stages in order; the learner's checkpoint is handed from each stage to the next."""
+
+    @field_validator("teacher_prep_steps", mode="before")
+    @classmethod
+    def _bare_prep_names(cls, value: Any) -> Any:
+        return _bare_step_names(value)
 
     @model_validator(mode="after")
     def _plan_or_stages(self) -> "CascadeConfig":

@@ -89,7 +89,9 @@ def _teacher_prep_config(base: dict, experiment: ExperimentConfig, seed: int) ->
     raw = deep_merge(base, {})
     raw["name"] = f"{experiment.name}-teachers-s{seed}"
     raw["seed"] = seed
-    steps = raw.get("cascade", {}).get("teacher_prep_steps", ["PT", "FT"])
+    from ckd_ray.cascade.config import CascadeConfig
+
+    steps = raw.get("cascade", {}).get("teacher_prep_steps", CascadeConfig.model_fields["teacher_prep_steps"].default)
     raw["cascade"] = {"prepare_teachers": False, "stages": [
         {"name": f"prepare-{role}", "learner": role, "steps": steps} for role in ("ta", "teacher")
     ]}
@@ -142,17 +144,20 @@ def _table(experiment: ExperimentConfig, rows: dict, stage_rows: dict, teacher: 
     lines.append("| Teacher (prepared) | - | " + " | ".join(f"{teacher.get(m, 0):.3f}" for m in TABLE_METRICS) + " | 1.000 |")
     for run in experiment.runs:
         scores = {m: mean(s.get(m, 0.0) for s in rows[run.name]) for m in TABLE_METRICS}
-        preservation = scores["average"] / teacher["average"] if teacher.get("average") else 0.0
         lines.append(f"| {run.method or run.plan} | {stages[run.plan]} | " + " | ".join(f"{scores[m]:.3f}" for m in TABLE_METRICS)
-                     + f" | {preservation:.3f} |")
+                     + f" | {_preservation(scores['average'], teacher)} |")
     if stage_rows:
         lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | average | preservation |", "|---|---|---|---|"]
         for name, scores in stage_rows.items():
             accuracy = mean(s["accuracy"] for s in scores)
             average = mean(s["average"] for s in scores)
-            preservation = average / teacher["average"] if teacher.get("average") else 0.0
-            lines.append(f"| {name} | {accuracy:.3f} | {average:.3f} | {preservation:.3f} |")
+            lines.append(f"| {name} | {accuracy:.3f} | {average:.3f} | {_preservation(average, teacher)} |")
     return "\n".join(lines) + "\n"
+
+
+def _preservation(average: float, teacher: dict) -> str:
+    """Seed 000's knowledge preservation (student / teacher average); "-" where the teacher scores 0."""
+    return f"{average / teacher['average']:.3f}" if teacher.get("average") else "-"
 
 
 def experiment_problems(path: str | Path) -> list[Problem]:

@@ -42,7 +42,8 @@ def evaluate_model(model_uri: str, rows: list[dict], settings: EvaluationConfig,
     return ray.get(task.remote(model_uri, rows, settings.model_dump()))
 
 
-def knowledge_preservation(student_scores: dict, teacher_scores: dict, metric: str = "average") -> float:
-    """Seed 000: the student's score as a fraction of its teacher's."""
+def knowledge_preservation(student_scores: dict, teacher_scores: dict, metric: str = "average") -> float | None:
+    """Seed 000: the student's score as a fraction of its teacher's; None (undefined, shown as
+    "-") when the teacher scores 0 on `metric`."""
     teacher = teacher_scores.get(metric, 0.0)
-    return student_scores.get(metric, 0.0) / teacher if teacher else 0.0
+    return student_scores.get(metric, 0.0) / teacher if teacher else None
