@@ -278,3 +278,16 @@ def test_exported_student_answers_with_transformers_alone(trained, kvqa_dir, tmp
     answer = json.loads(completed.stdout.strip().splitlines()[-1])
     assert len(answer["new_tokens"]) > 0
     assert answer["ckd_ray_imported"] is False
+
+
+def test_worker_group_asks_for_the_configured_custom_resources(ray_local, tmp_path):
+    """`trainer.resources` (e.g. the `student_gpu` slots of cluster/) reach every worker's
+    resource request, next to its CPUs and GPU."""
+    from ckd_ray.train.run import build_trainer
+
+    job = validate_config({"models": {"student": {"preset": "tiny-student"}}, "data": {"benchmark_root": str(tmp_path)},
+                           "cascade": {"plan": "student_only"}, "trainer": {"num_workers": 3, "resources": {"student_gpu": 1}}})
+    trainer = build_trainer(job, lambda config: None, {}, output_uri=str(tmp_path / "out"), train_dataset=ray.data.range(4),
+                            max_failures=0, keep_checkpoints=1)
+    assert trainer.scaling_config.num_workers == 3
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "student_gpu": 1.0}

@@ -22,6 +22,9 @@ class TrainerConfig(Section):
     """One GPU per worker (NCCL); false trains on CPU with gloo."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """Logical CPUs each worker reserves."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources per worker, e.g. {student_gpu: 1} so the worker group lands on the
+    student node type of cluster/autoscaler-aws.yaml (empty: any node with the CPUs/GPUs)."""
     zero_stage: int = Field(2, ge=0, le=3)
     """DeepSpeed ZeRO stage 0-3."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

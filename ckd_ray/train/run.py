@@ -110,7 +110,7 @@ def build_trainer(
 
     trainer_config = job.trainer
     storage_path, storage_filesystem = _run_storage(output_uri)
-    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {})}
+    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {}), **trainer_config.resources}
     return TorchTrainer(
         worker_loop,
         train_loop_config=loop_config,
