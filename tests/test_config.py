@@ -178,3 +178,14 @@ def test_cli_check_prints_every_problem(tmp_path):
     assert "3 problems" in result.output
     for field in ("trainer.num_workrs", "trainer.zero_stage", "storage.root"):
         assert field in result.output
+
+
+def test_cli_check_lists_the_plan_with_teacher_preparation():
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    result = CliRunner().invoke(main, ["config", "check", str(CONFIGS / "tiny_cascade.yaml")])
+    assert result.exit_code == 0, result.output
+    assert ("plan bottom_up: prepare-ta[PT,FT], prepare-teacher[PT,FT], ta->student[DPT,SFT,DFT], "
+            "teacher->student[DPT,SFT,DFT]") in result.output

@@ -17,9 +17,15 @@ def config() -> None:
 @config_options
 def check(config_paths, overrides) -> None:
     """Validate CONFIG_PATHS (merged in order) and report every problem at once."""
+    from ckd_ray.cascade.plan import build_plan
+
     cfg = load_or_exit(config_paths, overrides)
-    stages = ", ".join(s.label + "[" + ",".join(st.kind for st in s.steps) + "]" for s in cfg.cascade.stages) or "none"
-    click.echo(f"OK: job {cfg.name!r}, roles {sorted(cfg.models)}, stages: {stages}")
+    stages: dict[str, list[str]] = {}
+    for planned in build_plan(cfg):  # teacher preparation included
+        stages.setdefault(planned.stage.label, []).append(planned.kind)
+    plan = f"plan {cfg.cascade.plan}" if cfg.cascade.plan else "stages"
+    listed = ", ".join(f"{label}[{','.join(kinds)}]" for label, kinds in stages.items()) or "none"
+    click.echo(f"OK: job {cfg.name!r}, roles {sorted(cfg.models)}, {plan}: {listed}")
 
 
 @config.command("show")
