@@ -68,7 +68,8 @@ def test_experiment_table_leaves_preservation_undefined_for_a_teacher_scoring_ze
 
     experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", runs=[{"name": "kd", "plan": "single_teacher"}])
     student = {m: 0.25 for m in TABLE_METRICS}
-    assert _table(experiment, {"kd": [student]}, {}, {m: 0.5 for m in TABLE_METRICS}).splitlines()[-1].endswith("| 0.500 |")
+    row = _table(experiment, {"kd": [student]}, {}, {m: 0.5 for m in TABLE_METRICS}, {"kd": [120]}).splitlines()[-1]
+    assert row.startswith("| single_teacher | T->S | 120 | 0.250 |") and row.endswith("| 0.500 |")
     assert _table(experiment, {"kd": [student]}, {}, {m: 0.0 for m in TABLE_METRICS}).splitlines()[-1].endswith("| - |")
 
 

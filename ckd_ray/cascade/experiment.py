@@ -105,6 +105,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     from ckd_ray.cascade.runner import run_cascade
 
     rows: dict[str, list[dict]] = {run.name: [] for run in experiment.runs}
+    budgets: dict[str, list[int]] = {run.name: [] for run in experiment.runs}
     stage_rows: dict[str, list[dict]] = {}
     teacher_scores = []
     for seed in experiment.seeds:
@@ -121,30 +122,41 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
             manifest = Manifest.open(job.run_uri, job)
             student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")]
             rows[run.name].append(student[-1]["scores"])
+            budgets[run.name].append(_student_steps(manifest))
             if run.plan in ("progressive", "end_to_end"):
                 for name, entry in manifest.evaluations.items():
                     if name.endswith("(student)"):
                         stage_rows.setdefault(f"{run.name}: {name.removesuffix(' (student)')}", []).append(entry["scores"])
     root = storage.join(str(base.get("storage", {}).get("root", "runs")), experiment.name)
     teacher = {k: mean(s[k] for s in teacher_scores) for k in TABLE_METRICS if all(k in s for s in teacher_scores)}
-    table = _table(experiment, rows, stage_rows, teacher)
+    table = _table(experiment, rows, stage_rows, teacher, budgets)
     storage.write_bytes(storage.join(root, "table.md"), table.encode())
     storage.write_bytes(storage.join(root, "table.json"), json.dumps(
-        {"seeds": experiment.seeds, "teacher": teacher, "rows": rows, "stages": stage_rows}, indent=2).encode())
+        {"seeds": experiment.seeds, "teacher": teacher, "rows": rows, "student_steps": budgets, "stages": stage_rows},
+        indent=2).encode())
     log(table)
     return storage.join(root, "table.md")
 
 
-def _table(experiment: ExperimentConfig, rows: dict, stage_rows: dict, teacher: dict) -> str:
+def _student_steps(manifest) -> int:
+    """Optimizer steps the student took over the whole plan: plans differ in how many steps they
+    run, so the table shows each row's training budget next to its scores."""
+    return int(sum(entry.get("metrics", {}).get("step", 0) for entry in manifest.steps.values() if entry.get("learner") == "student"))
+
+
+def _table(experiment: ExperimentConfig, rows: dict, stage_rows: dict, teacher: dict, budgets: dict | None = None) -> str:
     stages = {"student_only": "-", "single_teacher": "T->S", "bottom_up": "TA->S, T->S", "top_down": "T->TA, TA->S",
               "progressive": "T->S (hop 0, <=1, all)", "end_to_end": "T->S (all hops)"}
-    header = "| method | stages | " + " | ".join(TABLE_METRICS) + " | preservation |"
-    lines = [f"# {experiment.name}", "", f"Seeds: {experiment.seeds}; scores on the benchmark's test split, mean over seeds.", "",
-             header, "|---" * (len(TABLE_METRICS) + 3) + "|"]
-    lines.append("| Teacher (prepared) | - | " + " | ".join(f"{teacher.get(m, 0):.3f}" for m in TABLE_METRICS) + " | 1.000 |")
+    budgets = budgets or {}
+    header = "| method | stages | student steps | " + " | ".join(TABLE_METRICS) + " | preservation |"
+    lines = [f"# {experiment.name}", "", f"Seeds: {experiment.seeds}; scores on the benchmark's test split, mean over seeds; "
+             "student steps: the student's optimizer steps over the whole plan.", "",
+             header, "|---" * (len(TABLE_METRICS) + 4) + "|"]
+    lines.append("| Teacher (prepared) | - | - | " + " | ".join(f"{teacher.get(m, 0):.3f}" for m in TABLE_METRICS) + " | 1.000 |")
     for run in experiment.runs:
         scores = {m: mean(s.get(m, 0.0) for s in rows[run.name]) for m in TABLE_METRICS}
-        lines.append(f"| {run.method or run.plan} | {stages[run.plan]} | " + " | ".join(f"{scores[m]:.3f}" for m in TABLE_METRICS)
+        steps = f"{mean(budgets[run.name]):.0f}" if budgets.get(run.name) else "-"
+        lines.append(f"| {run.method or run.plan} | {stages[run.plan]} | {steps} | " + " | ".join(f"{scores[m]:.3f}" for m in TABLE_METRICS)
                      + f" | {_preservation(scores['average'], teacher)} |")
     if stage_rows:
         lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | average | preservation |", "|---|---|---|---|"]
