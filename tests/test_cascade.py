@@ -122,3 +122,14 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
     assert manifest["steps"]["01-s1-teacher_to_student-DFT"]["metrics"]["step"] == 8
     report = (run / "report.md").read_text()
     assert "loss_terms.png" in report and (run / "loss_terms.png").exists()
+
+
+def test_config_hash_ignores_defaults_and_runtime_sections_but_not_changes():
+    from ckd_ray.cascade.manifest import config_hash
+
+    plain = job("bottom_up")
+    spelled_out = job("bottom_up", teacher_prep_steps=["PT", "FT"], prepare_teachers=True)
+    assert config_hash(plain) == config_hash(spelled_out)  # a field added with its default keeps old runs resumable
+    assert config_hash(plain) == config_hash(plain.model_copy(update={"ray": plain.ray.model_copy(update={"num_cpus": 3})}))
+    assert config_hash(plain) != config_hash(job("bottom_up", teacher_prep_steps=["PT", {"kind": "FT", "max_steps": 9}]))
+    assert config_hash(plain) != config_hash(job("single_teacher"))

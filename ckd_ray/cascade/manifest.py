@@ -16,7 +16,10 @@ _RUNTIME_ONLY = ("ray", "observability", "tune")
 
 
 def config_hash(job: JobConfig) -> str:
-    data = job.model_dump(mode="json", exclude=set(_RUNTIME_ONLY))
+    """Identifies what a run computes: the config without its runtime-only sections. Values left
+    at their defaults do not enter it, so a release that adds a config field (with a default that
+    keeps the old behaviour) still resumes the runs an older release started."""
+    data = job.model_dump(mode="json", exclude=set(_RUNTIME_ONLY), exclude_defaults=True)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
