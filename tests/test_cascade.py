@@ -122,6 +122,10 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
     assert manifest["steps"]["01-s1-teacher_to_student-DFT"]["metrics"]["step"] == 8
     report = (run / "report.md").read_text()
     assert "loss_terms.png" in report and (run / "loss_terms.png").exists()
+    (evaluation,) = [e for e in manifest["evaluations"].values() if e["model_uri"].endswith("DFT/model")]
+    predictions = [json.loads(line) for line in Path(evaluation["predictions_uri"]).read_text().splitlines()]
+    assert len(predictions) == evaluation["scores"]["num_samples"] == 16
+    assert {"question_type", "answer", "prediction"} <= set(predictions[0])
 
 
 def test_config_hash_ignores_defaults_and_runtime_sections_but_not_changes():

@@ -8,7 +8,9 @@ resubmitted job skip finished steps and resume an unfinished one from its last c
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -174,7 +176,11 @@ def _scores_of(job: JobConfig, manifest: Manifest, name: str, model_uri: str, ro
         if entry["model_uri"] == model_uri:
             return entry
     result = evaluate_model(model_uri, rows, job.evaluation, use_gpu=job.trainer.use_gpu)
-    manifest.evaluations[name] = {"scores": result["scores"], "model_uri": model_uri}
+    # Every answer next to its reference, so a score can be checked (e.g. a model that always says "no").
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+    predictions_uri = storage.join(job.run_uri, "evaluations", f"{slug}.jsonl")
+    storage.write_bytes(predictions_uri, "".join(json.dumps(record) + "\n" for record in result["records"]).encode())
+    manifest.evaluations[name] = {"scores": result["scores"], "model_uri": model_uri, "predictions_uri": predictions_uri}
     return manifest.evaluations[name]
 
 

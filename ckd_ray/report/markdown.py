@@ -60,6 +60,8 @@ def _scores_table(manifest) -> list[str]:
         scores = entry["scores"]
         preservation = entry.get("knowledge_preservation")
         lines.append(f"| {name} | " + " | ".join(_fmt(scores.get(c)) for c in SCORE_COLUMNS) + f" | {_fmt(preservation)} |")
+    if any("predictions_uri" in entry for entry in manifest.evaluations.values()):
+        lines += ["", "Every answer with its reference: `evaluations/<checkpoint>.jsonl` (one JSON record per sample)."]
     return lines + [""]
 
 
