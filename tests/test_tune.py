@@ -152,3 +152,33 @@ def _row(search: Search, trial: int, status: str, steps: int, val_loss: float, v
     return {"search": search.name, "trial": trial, "trial_id": f"t{trial}", "status": status, "values": values, "steps": steps,
             "val_loss": val_loss, "val_accuracy": math.nan, "train_task_loss": 3.0, "signal_cache_hits": 1,
             "signal_teacher_passes": 0, "seconds": 1.0, "error": error}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("searcher", ["random", "optuna"])
+def test_searchers_honour_max_concurrent_trials(ray_local, tmp_path, searcher):
+    """Trials hold a Train worker group (and, without the signal cache, a teacher pool): more at
+    once than `max_concurrent_trials` can starve a small cluster. Tune ignores the limit for a
+    generator passed in, so the random searcher must carry it."""
+    import time
+
+    from ray import tune
+
+    from ckd_ray.tune.runner import _searcher
+
+    settings = validate_config(_raw(searcher=searcher, max_concurrent_trials=1)).tune
+
+    def trainable(config):
+        start = time.time()
+        time.sleep(1.0)
+        tune.report({"val_loss": config["x"], "start": start, "end": time.time()})
+
+    grid = tune.Tuner(
+        trainable,
+        param_space={"x": tune.uniform(0.0, 1.0)},
+        tune_config=tune.TuneConfig(num_samples=3, search_alg=_searcher(settings, 0), max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    ).fit()
+    spans = sorted((r.metrics["start"], r.metrics["end"]) for r in grid)
+    assert len(spans) == 3
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))

@@ -298,7 +298,9 @@ def _sampler(dim):
 
 
 def _searcher(settings, seed: int):
-    """Optuna's TPE (seeded), or Tune's random search when optuna is not installed or not asked for."""
+    """Optuna's TPE (seeded), or Tune's random search when optuna is not installed or not asked for.
+    Random search is given the concurrency limit itself: Tune applies `max_concurrent_trials`
+    only to a `Searcher` and silently ignores it for a generator passed in."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if settings.searcher == "optuna":
@@ -308,7 +310,7 @@ def _searcher(settings, seed: int):
             return OptunaSearch(metric=settings.metric, mode=settings.metric_mode, seed=seed)
         except ImportError:
             pass
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=settings.max_concurrent_trials)
 
 
 def _tune_storage(uri: str):
