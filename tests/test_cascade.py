@@ -102,7 +102,7 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
         steps = _manifest(run)["steps"]
         dft = [k for k in steps if k.endswith("DFT")]
         if dft and steps[dft[0]]["status"] == "running":
-            dft_checkpoints = list((run / "steps" / dft[0] / "train").glob("step-*/train_state.json"))
+            dft_checkpoints = list(run.glob(f"train/*/{dft[0]}/step-*/train_state.json"))
             if dft_checkpoints:
                 break
         time.sleep(0.5)

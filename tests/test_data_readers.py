@@ -262,4 +262,4 @@ def test_config_reports_every_problem_with_field_and_fix():
         DataConfig(benchmark_root="b", max_reject_fraction=1.5)
     config = DataConfig(benchmark_root="s3://bucket/kvqa")
     assert config.instruction_sources()[0].uri == "s3://bucket/kvqa/instructions.json"
-    assert config.eval_sources()[0].split == "test"
+    assert config.eval_sources("test")[0].split == "test"

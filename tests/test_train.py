@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from ckd_ray.cascade.config import STEP_FREEZE, StageConfig, StepConfig
 from ckd_ray.config.loader import validate_config
 from ckd_ray.models import FREEZE_POLICIES, build_preset, save_model
-from ckd_ray.train import run_step
+from ckd_ray.cascade.steps import default_signal_decoder, run_step
 from ckd_ray.train.config import DEFAULT_LR
-from ckd_ray.train.run import default_signal_decoder
 
 # Worker processes cannot import this test module: ship its classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -287,7 +286,7 @@ def test_worker_group_asks_for_the_configured_custom_resources(ray_local, tmp_pa
 
     job = validate_config({"models": {"student": {"preset": "tiny-student"}}, "data": {"benchmark_root": str(tmp_path)},
                            "cascade": {"plan": "student_only"}, "trainer": {"num_workers": 3, "resources": {"student_gpu": 1}}})
-    trainer = build_trainer(job, lambda config: None, {}, output_uri=str(tmp_path / "out"), train_dataset=ray.data.range(4),
-                            max_failures=0, keep_checkpoints=1)
+    trainer = build_trainer(job.trainer, lambda config: None, {}, storage_uri=str(tmp_path / "out"), name="train",
+                            datasets={"train-0": ray.data.range(4)}, max_failures=0, keep_checkpoints=1)
     assert trainer.scaling_config.num_workers == 3
     assert trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "student_gpu": 1.0}

@@ -16,7 +16,7 @@ from ckd_ray.train.batch import student_batch
 from ckd_ray.train.checkpoint import TrainState, read_state
 from ckd_ray.train.engine import lr_factor, warmup_steps_for
 from ckd_ray.train.loop import next_position
-from ckd_ray.train.run import plan_step
+from ckd_ray.cascade.steps import plan_step
 
 
 def make_job(**trainer):
@@ -50,7 +50,7 @@ def test_warmup_then_cosine_decay():
 def test_plan_follows_seed_001_per_step_type(kind, policy, lr, terms):
     job = make_job(num_workers=2, micro_batch_size=4, grad_accum=2, epochs=1.0)
     stage = StageConfig(teacher="ta", steps=[kind])
-    plan = plan_step(job, stage, StepConfig(kind=kind), init_model_uri="init", num_train_samples=101)
+    plan = plan_step(job, stage, StepConfig(kind=kind), init_model_uri="init", export_uri="out", num_train_samples=101)
     # 101 samples -> 50 per worker (equal shards drop one) -> 13 micro-batches -> 6 optimizer steps
     assert (plan.batches_per_epoch, plan.total_steps) == (13, 6)
     assert plan.freeze_policy == policy
@@ -63,14 +63,14 @@ def test_plan_follows_seed_001_per_step_type(kind, policy, lr, terms):
 def test_plan_overrides_and_step_budget():
     job = make_job(num_workers=2, micro_batch_size=4, max_steps=5, lr={"DFT": 1e-4}, epochs=3.0)
     stage = StageConfig(teacher="ta", steps=["DFT"], loss={"weights": {"task": 1.0, "output": 0.5}, "temperature": 2.0})
-    plan = plan_step(job, stage, StepConfig(kind="DFT"), init_model_uri="init", num_train_samples=1000)
+    plan = plan_step(job, stage, StepConfig(kind="DFT"), init_model_uri="init", export_uri="out", num_train_samples=1000)
     assert plan.total_steps == 5 and plan.optimizer.lr == 1e-4
     assert plan.loss.weights.active() == ["task", "output"] and plan.loss.temperature == 2.0
     step = StepConfig(kind="DFT", lr=3e-3, max_steps=2)
-    plan = plan_step(job, stage, step, init_model_uri="init", num_train_samples=1000)
+    plan = plan_step(job, stage, step, init_model_uri="init", export_uri="out", num_train_samples=1000)
     assert (plan.total_steps, plan.optimizer.lr) == (2, 3e-3)
     with pytest.raises(ValueError, match="no optimizer step"):
-        plan_step(job, stage, StepConfig(kind="DFT"), init_model_uri="init", num_train_samples=1)
+        plan_step(job, stage, StepConfig(kind="DFT"), init_model_uri="init", export_uri="out", num_train_samples=1)
 
 
 def test_batch_is_trimmed_to_its_longest_row():
@@ -240,7 +240,7 @@ def test_feature_and_attention_terms_get_hidden_states_eager_attention_and_a_pro
         "trainer": {"micro_batch_size": 2, "num_workers": 1},
     })
     plan = plan_step(job, StageConfig(teacher="ta", steps=["DFT"]), StepConfig(kind="DFT"),
-                     init_model_uri=str(tmp_path / "init"), num_train_samples=8)
+                     init_model_uri=str(tmp_path / "init"), export_uri=str(tmp_path / "out"), num_train_samples=8)
     engine = build_student(plan, torch.device("cpu"), None, TrainState())
     assert engine.module.student.config._attn_implementation == "eager"
     assert engine.module.projection.projections["1"].weight.shape == (96, 192)

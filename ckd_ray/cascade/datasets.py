@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 
 from ckd_ray import storage
 from ckd_ray.config.job import JobConfig
@@ -32,6 +31,19 @@ class StepData:
             raise ValueError("no processor folder: set data.processor, data.benchmark_root, or models.student.path")
         self._processor = None
         self._passes = {}
+        self._catalogs: dict = {}  # one catalog pass per source for the whole job
+        self._validation: dict = {}
+        self._rejects_book = None
+        self._evaluation_rows: list[dict] | None = None
+
+    @property
+    def rejects_book(self):
+        """One actor collects the rejects of every pass of the job."""
+        if self._rejects_book is None:
+            from ckd_ray.data.pipeline import new_rejects_book
+
+            self._rejects_book = new_rejects_book()
+        return self._rejects_book
 
     @property
     def processor(self):
@@ -67,49 +79,64 @@ class StepData:
 
         rejects_uri = storage.join(self.run_uri, "rejects", f"{name}.jsonl")
         student = build_student_dataset(sources, self.processor, self.job.data, rejects_uri=rejects_uri, hops=hops,
-                                        shuffle=shuffle, metrics=metrics)
+                                        shuffle=shuffle, metrics=metrics, catalogs=self._catalogs,
+                                        rejects_book=self.rejects_book)
         self._passes[name] = student
-        return student.dataset
+        return student
 
     def train(self, planned):
-        """The step's training rows, cut to what its optimizer steps can consume: with a step
-        budget (`max_steps`) neither preprocessing nor the teacher pass touches more samples."""
+        """(the step's training rows, how many) cut to what its optimizer steps can consume: with
+        a step budget (`max_steps`) neither preprocessing nor the teacher pass touches more
+        samples. The count comes from the read plan, not from a pass over the data (records
+        rejected in preprocessing make a pass a little shorter than it says)."""
         from ckd_ray.observability.metrics import DataMetrics
 
         metrics = DataMetrics(self.job.name, planned.stage.label, planned.step.kind)  # the labels of the step's student metrics
-        dataset = self._build(planned.step_id, self._sources(planned), self._hops(planned), metrics=metrics)
+        student = self._build(planned.step_id, self._sources(planned), self._hops(planned), metrics=metrics)
         needed = self.samples_needed(planned)
-        return dataset if needed is None else dataset.limit(needed)
+        if needed is None:
+            return student.dataset, student.num_records
+        return student.dataset.limit(needed), min(needed, student.num_records)
 
     def samples_needed(self, planned) -> int | None:
-        trainer = self.job.trainer
-        max_steps = planned.step.max_steps or trainer.max_steps
-        if max_steps is None:
-            return None
-        epochs = planned.step.epochs or trainer.epochs
-        per_step = trainer.micro_batch_size * trainer.num_workers * trainer.grad_accum
-        # `epochs` passes over N samples give epochs * N / per_step optimizer steps.
-        return math.ceil(max_steps * per_step / epochs)
+        from ckd_ray.cascade.steps import samples_needed
+
+        return samples_needed(self.job, planned.step)
 
     def validation(self, planned):
-        """A fixed slice of the validation split (same sources and curriculum filter)."""
-        dataset = self._build(f"{planned.step_id}-val", self._sources(planned, "val"), self._hops(planned))
-        return dataset.limit(VALIDATION_SAMPLES)
+        """A fixed slice of the validation split (same sources and curriculum filter), read once
+        per job for each such choice and kept in the object store as numpy columns: every step
+        that validates on it hands the workers the same reference (see `train.loop.validate`)."""
+        import ray
+
+        key = (planned.data_kind, tuple(self._hops(planned) or ()))
+        if key not in self._validation:
+            student = self._build(f"{planned.step_id}-val", self._sources(planned, "val"), self._hops(planned))
+            from ckd_ray.data.pipeline import stack_columns
+
+            self._validation[key] = ray.put(stack_columns(student.dataset.limit(VALIDATION_SAMPLES)))
+        return self._validation[key]
 
     def evaluation_rows(self) -> list[dict]:
-        """A deterministic shuffled prefix of the held-out split, as rows for generation."""
+        """A deterministic shuffled prefix of the held-out split, as rows for generation (read
+        once per job)."""
         from ckd_ray.data.pipeline import build_student_dataset
 
+        if self._evaluation_rows is not None:
+            return self._evaluation_rows
+
         limit = self.job.evaluation.max_samples
-        sources = [s.model_copy(update={"split": self.job.evaluation.split}) for s in self.job.data.instruction_sources()]
-        student = build_student_dataset(sources, self.processor, self.job.data,
+        sources = self.job.data.eval_sources(self.job.evaluation.split)
+        student = build_student_dataset(sources, self.processor, self.job.data, catalogs=self._catalogs,
+                                        rejects_book=self.rejects_book,
                                         rejects_uri=storage.join(self.run_uri, "rejects", "evaluation.jsonl"))
         dataset = student.dataset if limit is None else student.dataset.limit(limit)
-        return dataset.take_all()
+        self._evaluation_rows = dataset.take_all()
+        return self._evaluation_rows
 
     def fingerprint(self, planned) -> str:
         """Identifies the rows a step trains on: a signal cache entry is only reused for these."""
-        data = self.job.data.model_dump(mode="json", exclude={"batch_size", "eval_batch_size", "preprocess_batch_size"})
+        data = self.job.data.model_dump(mode="json", exclude={"preprocess_batch_size"})
         blob = json.dumps({
             "sources": [s.model_dump(mode="json") for s in self._sources(planned)],
             "hops": self._hops(planned),
@@ -125,3 +152,4 @@ class StepData:
             student = self._passes.pop(name, None)
             if student is not None:
                 student.close_rejects()
+

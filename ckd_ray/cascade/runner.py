@@ -14,16 +14,15 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 
 from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
-from ckd_ray.cascade.signal import attach_teacher_signal
+from ckd_ray.cascade.steps import EXPORT_FOLDER, prepare_step, split_segments
 from ckd_ray.config.job import JobConfig, RayConfig
 from ckd_ray.evaluate import evaluate_model, knowledge_preservation
-from ckd_ray.teachers.signal import decode_signal
+from ckd_ray.train.run import RUN_FOLDER
 
 
 @dataclass
@@ -37,18 +36,25 @@ class CascadeResult:
     seconds: float
 
 
-def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None) -> None:
+# Ray Train's controller polls its workers every 2 s by default, and a worker's next report waits
+# for the previous one to be collected: with a report every few optimizer steps of a small
+# model, the poll interval, not training, sets the pace.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, log_to_driver: bool = True) -> None:
     """Joins the cluster named by the config or RAY_ADDRESS (set inside `ray job submit`), or
-    starts a local Ray sized by `ray.num_cpus`."""
+    starts a local Ray sized by `ray.num_cpus`. `log_to_driver=False` keeps worker output in
+    Ray's session logs instead of echoing it on the driver."""
     import ray
 
     if ray.is_initialized():
         return
     address = settings.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
-    kwargs = {"num_cpus": settings.num_cpus}
+    kwargs = {"num_cpus": settings.num_cpus, "runtime_env": {"env_vars": TRAIN_ENV}, "log_to_driver": log_to_driver}
     if settings.object_store_memory_mb:
         kwargs["object_store_memory"] = settings.object_store_memory_mb * 2**20
     if metrics_export_port:
@@ -64,13 +70,15 @@ def quiet_data_progress() -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def run_cascade(job: JobConfig, *, log=print) -> CascadeResult:
+def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driver: bool = True) -> CascadeResult:
+    """Runs the job's plan; returns where its outputs are. Consecutive steps share one worker
+    group (see `ckd_ray.cascade.steps.split_segments`); `progress` shows a bar per step;
+    `log_to_driver` as in `connect_ray`."""
     from ckd_ray.observability.metrics import CascadeMetrics
     from ckd_ray.report import write_report
-    from ckd_ray.train.run import run_step
 
     start = time.perf_counter()
-    connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port)
+    connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
     run_uri = job.run_uri
     manifest = Manifest.open(run_uri, job)
@@ -80,47 +88,122 @@ def run_cascade(job: JobConfig, *, log=print) -> CascadeResult:
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
     _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {p.teacher for p in plan if p.teacher} | {"student"})
     histories: dict[str, list[dict]] = {}
-    for planned in plan:
-        label = f"step {planned.index + 1}/{len(plan)} {planned.step_id}"
-        if manifest.done(planned.step_id):
-            log(f"[cascade] {label}: done in an earlier run, skipped")
-            histories[planned.step_id] = manifest.steps[planned.step_id].get("history", [])
-            continue
-        metrics.step_started(planned.stage.label, planned.kind, planned.index, len(plan))
-        step_start = time.perf_counter()
-        log(f"[cascade] {label}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind}")
-        if manifest.steps.get(planned.step_id, {}).get("status") == "running":
-            log(f"[cascade]   resuming: an earlier run stopped in this step; training continues from its last checkpoint")
-        manifest.record(planned.step_id, status="running", **_describe(planned))
-        train_dataset = data.train(planned)
-        teacher_pass, decoder = {}, None
-        if planned.distills:
-            train_dataset, spec, teacher_pass = attach_teacher_signal(
-                job, planned, manifest.roles[planned.teacher], manifest.roles[planned.learner], train_dataset, data, log
-            )
-            decoder = partial(decode_signal, spec=spec, attention_layers=dict(planned.loss.attention_layers))
-        result = run_step(
-            job, planned.stage, planned.step,
-            init_model_uri=manifest.roles[planned.learner],
-            train_dataset=train_dataset,
-            val_dataset=data.validation(planned),
-            output_uri=storage.join(run_uri, "steps", planned.step_id),
-            num_train_samples=teacher_pass.get("samples"),
-            decode_signal=decoder,
-        )
-        data.check_rejects(planned)
-        manifest.roles[planned.learner] = result.model_uri
-        seconds = round(time.perf_counter() - step_start, 2)
-        histories[planned.step_id] = result.history
-        manifest.record(planned.step_id, status="done", model_uri=result.model_uri, metrics=result.metrics,
-                        history=result.history, teacher_pass=teacher_pass, seconds=seconds)
-        metrics.step_finished(planned.stage.label, planned.kind, seconds)
-        if _last_of_stage(plan, planned):
-            _evaluate(job, manifest, planned, data, log)
+    for segment in split_segments(plan):
+        pending = []
+        for planned in segment:
+            if manifest.done(planned.step_id):
+                log(f"[cascade] {_label(plan, planned)}: done in an earlier run, skipped")
+                histories[planned.step_id] = manifest.steps[planned.step_id].get("history", [])
+            else:
+                pending.append(planned)
+        if pending:
+            _train_segment(job, plan, segment, pending, manifest, data, histories, metrics, log, progress)
     report_uri = write_report(run_uri, manifest, histories, metrics_note=_metrics_note(job))
     seconds = time.perf_counter() - start
     log(f"[cascade] finished in {seconds:.0f} s; report: {report_uri}")
     return CascadeResult(run_uri, manifest.uri, report_uri, manifest.roles["student"], seconds)
+
+
+def _label(plan: list[PlannedStep], planned: PlannedStep) -> str:
+    return f"step {planned.index + 1}/{len(plan)} {planned.step_id}"
+
+
+def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: list[PlannedStep], manifest: Manifest, data: StepData, histories, metrics,
+                   log, progress: bool) -> None:
+    """Prepares the segment's steps on the driver (data plans, teacher passes), then trains them
+    on one worker group, recording each step in the manifest as the group reports it. The
+    stages that end in the segment are evaluated after it: on a small machine an evaluation
+    beside the training group only takes its cores, and each step's phases stay its own."""
+    from ckd_ray.train.run import read_step_result, run_steps
+
+    run_uri = job.run_uri
+    # Named after the segment's first step, pending or not: a resubmission finds the same folder.
+    segment_name = f"{RUN_FOLDER}/{segment[0].step_id}"
+    roles = dict(manifest.roles)  # each learner's model as the segment will have it when its step starts
+    prepared = {}
+    for planned in pending:
+        export_uri = storage.join(run_uri, "steps", planned.step_id, EXPORT_FOLDER)
+        prepared[planned.step_id] = prepare_step(
+            job, planned, data, init_model_uri=roles[planned.learner],
+            teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
+            vocab_learner_uri=manifest.roles[planned.learner], export_uri=export_uri,
+            checkpoint_prefix=f"{planned.step_id}/", log=log,
+        )
+        roles[planned.learner] = export_uri
+    by_id = {planned.step_id: planned for planned in pending}
+    clock = {"last": None}
+    bars = {}
+
+    def on_event(kind: str, step_id: str, payload: dict) -> None:
+        if kind == "group_started":
+            clock["last"] = time.time()
+            return
+        planned = by_id[step_id]
+        step = prepared[step_id]
+        if kind == "started":
+            metrics.step_started(planned.stage.label, planned.kind, planned.index, len(plan))
+            log(f"[cascade] {_label(plan, planned)}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind}")
+            if manifest.steps.get(step_id, {}).get("status") == "running":
+                log("[cascade]   resuming: an earlier run stopped in this step; training continues from its last checkpoint")
+            if "worker_start_s" in payload:
+                step.driver_phases["worker_start"] = max(0.0, payload["worker_start_s"] - payload.get("engine_init_s", 0.0))
+            manifest.record(step_id, status="running", **_describe(planned))
+            bars[step_id] = StepProgress(step.train_step.plan.total_steps, planned.kind, payload.get("resumed_from", 0), progress)
+        elif kind == "progress" and step_id in bars:
+            bars[step_id].update(payload)
+        elif kind == "done":
+            if step_id in bars:
+                bars.pop(step_id).close()
+            result = read_step_result(step.train_step.plan, run_uri, segment_name)
+            _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log)
+
+    steps = [prepared[p.step_id].train_step for p in pending]
+    results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event)
+    for planned, result in zip(pending, results):  # steps whose events were lost (a restart) are recorded here
+        if not manifest.done(planned.step_id):
+            _record_done(job, plan, planned, prepared[planned.step_id], {}, result, manifest, data, histories, metrics, clock, log)
+    for planned in segment:
+        if _last_of_stage(plan, planned):
+            _evaluate(job, manifest, planned, data, log)
+
+
+def _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log) -> None:
+    finished_at = payload.get("at", time.time())
+    worker_s = finished_at - clock["last"] if clock["last"] else sum(result.phases.values())
+    clock["last"] = finished_at
+    phases = {**step.driver_phases, **result.phases}
+    seconds = round(sum(v for k, v in step.driver_phases.items() if k != "worker_start") + worker_s, 2)
+    phases["other"] = max(0.0, seconds - sum(phases.values()))
+    data.check_rejects(planned)
+    manifest.roles[planned.learner] = result.model_uri
+    histories[planned.step_id] = result.history
+    manifest.record(planned.step_id, status="done", **_describe(planned), model_uri=result.model_uri, metrics=result.metrics,
+                    history=result.history, teacher_pass=step.teacher_pass, teacher_uri=step.teacher_uri, seconds=seconds,
+                    phases={k: round(v, 3) for k, v in phases.items()})
+    metrics.step_finished(planned.stage.label, planned.kind, seconds)
+    share = phases.get("training", 0.0) / seconds if seconds else 0.0
+    log(f"[cascade]   {planned.step_id}: {result.num_steps} optimizer steps in {seconds:.1f} s "
+        f"(compute share {100 * share:.0f}%), val_loss {result.metrics.get('val_loss', float('nan')):.4f}")
+
+
+class StepProgress:
+    """A progress bar of one step's optimizer steps (loss, samples/s, ETA) on the console."""
+
+    def __init__(self, total: int, kind: str, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=f"  {kind}", unit="step", disable=not enabled, leave=False,
+                        dynamic_ncols=True)
+        self.samples, self.started = 0, time.perf_counter()
+
+    def update(self, payload: dict) -> None:
+        self.samples += payload.get("samples", 0)
+        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"loss {payload['loss']:.4f}, {rate:.0f} samples/s", refresh=False)
+        self.bar.update(payload["step"] - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _describe(planned: PlannedStep) -> dict:
@@ -158,11 +241,14 @@ def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str,
 def _evaluate(job: JobConfig, manifest: Manifest, planned: PlannedStep, data, log) -> None:
     """Scores the stage's learner on the held-out split; a distillation stage also scores its
     teacher (for knowledge preservation). A checkpoint already scored is not scored again."""
-    rows = data.evaluation_rows()
+    rows = data.evaluation_rows()  # read once per job
     name = f"{planned.stage.label} ({planned.learner})"
-    entry = _scores_of(job, manifest, name, manifest.roles[planned.learner], rows)
+    # The models of that step: later steps of the same worker group may have moved the roles on.
+    step = manifest.steps[planned.step_id]
+    entry = _scores_of(job, manifest, name, step["model_uri"], rows)
     if planned.teacher:
-        teacher = _scores_of(job, manifest, f"teacher {planned.teacher} of {planned.stage.label}", manifest.roles[planned.teacher], rows)
+        teacher_uri = step.get("teacher_uri") or manifest.roles[planned.teacher]
+        teacher = _scores_of(job, manifest, f"teacher {planned.teacher} of {planned.stage.label}", teacher_uri, rows)
         entry["knowledge_preservation"] = knowledge_preservation(entry["scores"], teacher["scores"])
         entry["teacher"] = teacher["model_uri"]
     manifest.save()

@@ -6,20 +6,23 @@ import json
 
 import click
 
-from ckd_ray.cli.options import config_options, load_or_exit
+from ckd_ray.cli.options import config_options, load_or_exit, verbose_option
 
 
 @click.command()
 @config_options
-def cascade(config_paths, overrides) -> None:
+@verbose_option
+def cascade(config_paths, overrides, verbose) -> None:
     """Run the cascade plan of CONFIG_PATHS on Ray (a local Ray unless ray.address or
     RAY_ADDRESS names a cluster). Running it again resumes where it stopped."""
-    from ckd_ray.cascade.runner import run_cascade
+    from ckd_ray import run_cascade
+    from ckd_ray.cli.console import console
 
     job = load_or_exit(config_paths, overrides)
-    result = run_cascade(job, log=lambda line: click.echo(line, err=False))
-    click.echo(f"report: {result.report_uri}")
-    click.echo(f"student: {result.student_uri}")
+    with console(job, verbose=verbose) as log:
+        result = run_cascade(job, log=log, log_to_driver=verbose)
+        log(f"report: {result.report_uri}")
+        log(f"student: {result.student_uri}")
 
 
 @click.command("eval")

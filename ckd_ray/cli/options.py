@@ -24,3 +24,10 @@ def load_or_exit(config_paths, overrides) -> JobConfig:
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
+
+
+def verbose_option(func):
+    return click.option(
+        "--verbose", "-v", is_flag=True,
+        help="Show everything Ray, DeepSpeed and transformers print on the console (by default it goes to the run's log file).",
+    )(func)

@@ -127,7 +127,7 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
         config = JobConfig.model_validate(raw)
         problems += check_consistency(config)
         if not problems:
-            return config
+            return resolve_paths(config, Path.cwd())
     else:
         # Cross-section checks still run on the sections that did validate.
         partial = JobConfig.model_construct(**{**_defaults(), **sections})
@@ -218,3 +218,30 @@ def _unwrap(annotation: Any) -> Any:
         if len(others) == 1:
             return others[0]
     return annotation
+
+
+def resolve_paths(job: JobConfig, base: Path) -> JobConfig:
+    """Every local path of the config made absolute against `base` (the directory the command
+    runs in), once, at load: a path then means the same in Tune trials, Train workers, Ray Data
+    tasks and a submitted job, whose working directories all differ. `s3://` URIs and absolute
+    paths stay as they are; `extends:` is relative to the file that names it (see `read_yaml`)."""
+    from ckd_ray import storage
+
+    def absolute(value: str | None) -> str | None:
+        if value is None or storage.is_s3(value) or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    def source(spec):
+        return spec.model_copy(update={"uri": absolute(spec.uri), "image_root": absolute(spec.image_root)})
+
+    data = job.data.model_copy(update={
+        "benchmark_root": absolute(job.data.benchmark_root),
+        "processor": absolute(job.data.processor),
+        "captions": [source(s) for s in job.data.captions],
+        "instructions": [source(s) for s in job.data.instructions],
+    })
+    models = {role: spec.model_copy(update={"path": absolute(spec.path)}) for role, spec in job.models.items()}
+    storage_config = job.storage.model_copy(update={"root": absolute(job.storage.root),
+                                                    "signal_cache": absolute(job.storage.signal_cache)})
+    return job.model_copy(update={"data": data, "models": models, "storage": storage_config})

@@ -51,9 +51,6 @@ class DataConfig(Section):
     instructions: list[SourceConfig] = Field(default_factory=list)
     """Instruction sources for the steps that train the LLM (FT, SFT, DFT); empty: the benchmark's instructions."""
 
-    eval_split: Literal["train", "val", "test"] = "test"
-    """Split of the instruction sources that evaluation reads."""
-
     processor: str | None = None
     """Folder (local or s3://) with the tokenizer and image processor; None: the student model's folder."""
 
@@ -67,19 +64,18 @@ class DataConfig(Section):
     """The job fails when more than this fraction of the records it reads are rejected."""
 
     shuffle_seed: int = 0
-    """Seed of the deterministic global shuffle and of the mixing draws."""
+    """Seed of the deterministic shuffle (the read plan's order) and of the mixing draws."""
+
+    shuffle_block_records: int = Field(default=1, ge=1)
+    """Consecutive JSON records that stay together in the shuffle: 1 is a full permutation (a
+    ranged read per record, like the image reads); larger blocks mean fewer, larger reads on an
+    object store and a coarser shuffle. Parquet shuffles whole row groups."""
 
     preprocess_batch_size: int = Field(default=256, ge=1)
     """Records per preprocessing task batch (tokenization and image transform)."""
 
     records_per_read_task: int = Field(default=2048, ge=1)
     """Consecutive records one read task handles; the number of read tasks is the record count over this."""
-
-    batch_size: int = Field(default=16, ge=1)
-    """Samples per batch handed to each student worker."""
-
-    eval_batch_size: int = Field(default=64, ge=1)
-    """Samples per batch during evaluation."""
 
     max_facts: int = Field(default=8, ge=1)
     """Candidate facts kept per sample (`fact_token_ids` rows); further facts are not used."""
@@ -133,11 +129,9 @@ class DataConfig(Section):
         """The instruction sources: `instructions` if listed, else the benchmark's train-split instructions."""
         return list(self.instructions) or [self._benchmark_source("instructions", "train")]
 
-    def eval_sources(self) -> list[SourceConfig]:
-        """The instruction sources restricted to `eval_split`, for evaluation."""
-        if not self.instructions:
-            return [self._benchmark_source("instructions", self.eval_split)]
-        return [s.model_copy(update={"split": self.eval_split}) for s in self.instructions]
+    def eval_sources(self, split: str) -> list[SourceConfig]:
+        """The instruction sources restricted to `split` (evaluation.split), for evaluation."""
+        return [s.model_copy(update={"split": split}) for s in self.instruction_sources()]
 
     def _benchmark_source(self, kind: str, split: str) -> SourceConfig:
         root = str(self.benchmark_root)

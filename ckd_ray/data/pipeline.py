@@ -2,8 +2,9 @@
 
     catalog + read plan   driver, one streaming pass per source (sources.py)
       -> read             a Ray Data source, one CPU task per planned group of records: raw
-                          record bytes + image bytes
-      -> shuffle          Ray Data's random_shuffle seeded by data.shuffle_seed: global, reproducible
+                          record bytes + image bytes, in the shuffled order the driver planned
+                          (seeded by data.shuffle_seed; no all-to-all exchange, so the first
+                          batch arrives after one read task, not after a pass over everything)
       -> preprocess       map_batches, CPU tasks: tokens, masks, pixel values, facts (preprocess.py)
       -> [teacher stage]  the caller appends `student.dataset.map_batches(<teacher pool>, ...)`
       -> Ray Train        `datasets={"train": ...}`; workers read `ray.train.get_dataset_shard`
@@ -25,7 +26,7 @@ import numpy as np
 from ckd_ray.data.config import DataConfig, SourceConfig
 from ckd_ray.data.preprocess import InputLimits, preprocess_rows
 from ckd_ray.data.processor import Processor
-from ckd_ray.data.rejects import RejectsLog, RejectSummary
+from ckd_ray.data.rejects import RejectsBook, RejectsLog, RejectSummary
 from ckd_ray.data.sources import READ_COLUMNS, ReadPlan, catalog_source, plan_reads, read_task_rows
 
 if TYPE_CHECKING:
@@ -43,12 +44,25 @@ def plan_pass(
     *,
     hops: Sequence[int] | None = None,
     mix: bool = True,
+    shuffle: bool = True,
+    catalogs: dict | None = None,
 ) -> ReadPlan:
-    """Catalogs `sources` (one streaming pass each, on the caller) and plans the read tasks of a pass."""
+    """Catalogs `sources` (one streaming pass each, on the caller; reused from `catalogs`, a dict
+    the caller keeps, when a source was catalogued before) and plans the read tasks of a pass."""
     if not sources:
         raise ValueError("no data sources given: list data.captions / data.instructions, or set data.benchmark_root")
-    catalogs = [catalog_source(source) for source in sources]
-    return plan_reads(catalogs, hops=hops, mix=mix, seed=config.shuffle_seed, records_per_task=config.records_per_read_task)
+    found = []
+    for source in sources:
+        key = source.model_dump_json()
+        if catalogs is None or key not in catalogs:
+            catalog = catalog_source(source)
+            if catalogs is None:
+                found.append(catalog)
+                continue
+            catalogs[key] = catalog
+        found.append(catalogs[key])
+    return plan_reads(found, hops=hops, mix=mix, seed=config.shuffle_seed, records_per_task=config.records_per_read_task,
+                      shuffle=shuffle, shuffle_block_records=config.shuffle_block_records)
 
 
 @dataclass
@@ -62,7 +76,8 @@ class StudentDataset:
 
     dataset: "ray.data.Dataset"
     plan: ReadPlan
-    rejects_log: "ray.actor.ActorHandle"
+    rejects_book: "ray.actor.ActorHandle"
+    """A RejectsBook actor (shared by the passes of a job)."""
     rejects_uri: str
 
     @property
@@ -73,7 +88,7 @@ class StudentDataset:
         """Writes the rejects file; raises `TooManyRejectsError` if the pass went over the threshold."""
         import ray
 
-        return ray.get(self.rejects_log.close.remote()).raise_if_exceeded()
+        return ray.get(self.rejects_book.close.remote(self.rejects_uri)).raise_if_exceeded()
 
 
 def build_student_dataset(
@@ -86,37 +101,45 @@ def build_student_dataset(
     shuffle: bool = True,
     mix: bool = True,
     metrics: "DataMetrics | None" = None,
+    catalogs: dict | None = None,
+    rejects_book: "ray.actor.ActorHandle | None" = None,
 ) -> StudentDataset:
-    """Builds the lazy read -> shuffle -> preprocess pipeline over `sources`.
+    """Builds the lazy read -> preprocess pipeline over `sources`.
 
-    `hops`: the curriculum stage's allowed hop levels (None: all). `shuffle`: a global shuffle seeded
-    by `data.shuffle_seed`: the same order on every run and every execution of the dataset (rebuild
-    with another seed for another order). It is an all-to-all exchange of the encoded records and
-    images; for a set larger than the object store, pass shuffle=False and shuffle locally in the
-    trainer (`iter_torch_batches(local_shuffle_buffer_size=...)`). `mix`: subsample sources to
-    their `weight` shares.
+    `hops`: the curriculum stage's allowed hop levels (None: all). `shuffle`: the read plan's
+    shuffle seeded by `data.shuffle_seed` (see `plan_reads`): the same order on every run and every
+    execution of the dataset. `mix`: subsample sources to their `weight` shares. `catalogs`: a
+    dict that keeps source catalogs across calls (one catalog pass per source per job).
     `rejects_uri`: the JSONL file (local or s3://) that rejected records go to, next to the run's
-    outputs. `metrics`: where preprocessing tasks count kept and rejected records (by reason) for
-    the dashboards. Append a teacher stage with `student.dataset.map_batches(...)`."""
+    outputs; `rejects_book`: the RejectsBook actor that collects them (default: a new one).
+    `metrics`: where preprocessing tasks count kept and rejected records (by reason) for the
+    dashboards. Append a teacher stage with `student.dataset.map_batches(...)`."""
     import ray
 
-    plan = plan_pass(sources, config, hops=hops, mix=mix)
-    rejects_log = ray.remote(RejectsLog).options(num_cpus=0).remote(rejects_uri, plan.num_records, config.max_reject_fraction)
-    dataset = ray.data.read_datasource(_planned_datasource(plan))
-    if shuffle:
-        # Before preprocessing: the exchange moves encoded records and images, not the tensors
-        # they grow into (pixel values are ~40x the PNG bytes here).
-        dataset = dataset.random_shuffle(seed=config.shuffle_seed)
+    plan = plan_pass(sources, config, hops=hops, mix=mix, shuffle=shuffle, catalogs=catalogs)
+    if rejects_book is None:
+        rejects_book = new_rejects_book()
+    ray.get(rejects_book.open.remote(rejects_uri, plan.num_records, config.max_reject_fraction))
+    # One block per planned task: Ray Data would otherwise split each task's output into many
+    # tiny blocks (its minimum block count), which costs seconds before the first batch.
+    dataset = ray.data.read_datasource(_planned_datasource(plan), override_num_blocks=len(plan.tasks))
     dataset = dataset.map_batches(
         _preprocess_batch,
         batch_size=config.preprocess_batch_size,
         batch_format="numpy",
-        fn_kwargs={"processor": processor, "limits": InputLimits.from_config(config), "rejects_log": rejects_log,
-                   "metrics": metrics},
+        fn_kwargs={"processor": processor, "limits": InputLimits.from_config(config), "rejects_book": rejects_book,
+                   "rejects_uri": rejects_uri, "metrics": metrics},
     )
     # Keep block order through the map stages, so the shuffled order is the order consumers see.
     dataset.context.execution_options.preserve_order = True
-    return StudentDataset(dataset, plan, rejects_log, rejects_uri)
+    return StudentDataset(dataset, plan, rejects_book, rejects_uri)
+
+
+def new_rejects_book():
+    """A RejectsBook actor; it takes no CPU slot (it only counts)."""
+    import ray
+
+    return ray.remote(RejectsBook).options(num_cpus=0).remote()
 
 
 def _planned_datasource(plan: ReadPlan):
@@ -138,7 +161,7 @@ def _planned_datasource(plan: ReadPlan):
                         num_rows=len(task["ordinals"]),
                         size_bytes=_estimated_bytes(task),
                         exec_stats=None,
-                        input_files=(task["uri"],),
+                        input_files=tuple(task.get("uris", [task.get("uri")])),
                     ),
                 )
                 for task in plan.tasks
@@ -148,6 +171,8 @@ def _planned_datasource(plan: ReadPlan):
 
 
 def _estimated_bytes(task: dict) -> int:
+    if "parts" in task:
+        return sum(_estimated_bytes(part) for part in task["parts"])
     if "byte_ranges" in task:
         return int((task["byte_ranges"][:, 1] - task["byte_ranges"][:, 0]).sum() * 2)  # + images
     return 4096 * len(task["ordinals"])
@@ -157,7 +182,8 @@ def _read_blocks(task: dict) -> list:
     return [read_task_rows(task)]
 
 
-def _preprocess_batch(rows: dict[str, np.ndarray], processor: Processor, limits: InputLimits, rejects_log, metrics=None):
+def _preprocess_batch(rows: dict[str, np.ndarray], processor: Processor, limits: InputLimits, rejects_book, rejects_uri: str,
+                      metrics=None):
     import ray
 
     samples, rejects, truncated = preprocess_rows(rows, processor, limits)
@@ -166,7 +192,7 @@ def _preprocess_batch(rows: dict[str, np.ndarray], processor: Processor, limits:
         for reason, count in Counter(reject.reason for reject in rejects).items():
             metrics.record_rejects(count, reason)
     if rejects or truncated:
-        summary = ray.get(rejects_log.add.remote(rejects, truncated))  # small: rejects carry a truncated repr
+        summary = ray.get(rejects_book.add.remote(rejects_uri, rejects, truncated))  # small: rejects carry a truncated repr
         summary.raise_if_exceeded()  # fails the pipeline, and with it the job that consumes it
     if samples is not None:
         yield samples
@@ -183,7 +209,7 @@ def iter_plain_batches(
     mix: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The same stages as `build_student_dataset` in one process: same records, same columns, same
-    rejects, and without `shuffle` the same order (its shuffle is a seeded permutation, not Ray's).
+    rejects, in the same order (the shuffle is the read plan's).
     Holds all read rows (encoded records and images) in memory, so it is for tests, debugging and
     benchmarks, not for a 665k-record set.
 
@@ -192,12 +218,10 @@ def iter_plain_batches(
     as the threshold can no longer be met."""
     import pyarrow as pa
 
-    plan = plan_pass(sources, config, hops=hops, mix=mix)
+    plan = plan_pass(sources, config, hops=hops, mix=mix, shuffle=shuffle)
     log = RejectsLog(rejects_uri, plan.num_records, config.max_reject_fraction)
     limits = InputLimits.from_config(config)
     table = pa.concat_tables([read_task_rows(task) for task in plan.tasks])
-    if shuffle:
-        table = table.take(np.random.default_rng(config.shuffle_seed).permutation(table.num_rows))
     for start in range(0, table.num_rows, config.preprocess_batch_size):
         chunk = table.slice(start, config.preprocess_batch_size)
         rows = {name: np.asarray(chunk.column(name).to_pylist(), dtype=object) for name in READ_COLUMNS}
@@ -207,3 +231,12 @@ def iter_plain_batches(
         if samples is not None:
             yield samples
     log.close().raise_if_exceeded()
+
+
+def stack_columns(dataset: "ray.data.Dataset") -> dict[str, np.ndarray]:
+    """A small dataset's rows as one numpy array per column, in order (e.g. validation rows
+    shipped to the workers through the object store)."""
+    batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if not batches:
+        return {}
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}

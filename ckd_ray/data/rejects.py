@@ -139,3 +139,20 @@ class RejectsLog:
 
     def rejects(self) -> list[Reject]:
         return [self._rejects[key] for key in sorted(self._rejects)]
+
+
+class RejectsBook:
+    """The RejectsLogs of several passes in one Ray actor, keyed by rejects file: a job's passes
+    share one actor process instead of starting one each."""
+
+    def __init__(self):
+        self._logs: dict[str, RejectsLog] = {}
+
+    def open(self, rejects_uri: str, num_records: int, max_fraction: float) -> None:
+        self._logs[rejects_uri] = RejectsLog(rejects_uri, num_records, max_fraction)
+
+    def add(self, rejects_uri: str, rejects: list[Reject], truncated: list[tuple[str, int]] = ()) -> RejectSummary:
+        return self._logs[rejects_uri].add(rejects, truncated)
+
+    def close(self, rejects_uri: str) -> RejectSummary:
+        return self._logs[rejects_uri].close()

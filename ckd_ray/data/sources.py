@@ -179,10 +179,19 @@ def plan_reads(
     mix: bool,
     seed: int,
     records_per_task: int,
+    shuffle: bool = False,
+    shuffle_block_records: int = 1,
 ) -> ReadPlan:
     """Selects records (split, `hops`), draws the mix (`mix`: per-source rates from the weights,
     decided by a hash of (seed, source, ordinal)), and groups the kept records into read tasks of
-    at most `records_per_task` consecutive records (Parquet: also within one row group)."""
+    at most `records_per_task` records.
+
+    Without `shuffle` a task holds consecutive records of one file (Parquet: of one row group).
+    With `shuffle` the plan is the shuffle: the driver permutes shuffle units (blocks of
+    `shuffle_block_records` consecutive JSON records; Parquet row groups) over every source,
+    seeded by `seed`, groups consecutive units into tasks and permutes the records inside each
+    task. Consumers see the planned order (order is preserved downstream), so the shuffle is the
+    same on every run and no all-to-all exchange stands before the first batch."""
     selected = [catalog.select(hops) for catalog in catalogs]
     empty = [c.source.label for c, s in zip(catalogs, selected) if not s.any()]
     if empty:
@@ -193,7 +202,7 @@ def plan_reads(
         )
     counts = [int(s.sum()) for s in selected]
     rates = mixing_rates([c.source.weight for c in catalogs], counts) if mix else [1.0] * len(catalogs)
-    tasks: list[dict] = []
+    parts: list[dict] = []
     records_per_source: dict[str, int] = {}
     for index, (catalog, wanted, rate) in enumerate(zip(catalogs, selected, rates)):
         ordinals = np.arange(catalog.num_records)
@@ -201,29 +210,68 @@ def plan_reads(
         unreadable = (catalog.split == UNREADABLE) | (catalog.hop < 0)
         kept = np.flatnonzero(wanted & (draw | unreadable))
         records_per_source[catalog.source.label] = len(kept)
-        tasks.extend(_group_into_tasks(catalog, kept, records_per_task))
-    return ReadPlan(tasks, records_per_source)
+        json_block = shuffle_block_records if shuffle else records_per_task
+        parts.extend(_group_into_parts(catalog, kept, json_block=json_block, records_per_part=records_per_task))
+    if not shuffle:
+        return ReadPlan(parts, records_per_source)
+    return ReadPlan(_shuffled_tasks(parts, records_per_task, np.random.default_rng(seed)), records_per_source)
 
 
-def _group_into_tasks(catalog: SourceCatalog, kept: np.ndarray, records_per_task: int) -> list[dict]:
+def _group_into_parts(catalog: SourceCatalog, kept: np.ndarray, *, json_block: int, records_per_part: int) -> list[dict]:
+    """Consecutive kept records of one file as read parts: JSON in blocks of `json_block` records,
+    Parquet in row-group pieces of at most `records_per_part` records."""
     source = catalog.source
     base = {"source": source.label, "format": source.format, "image_root": source.image_root}
     if source.format == "llava_json":
         return [
             {**base, "uri": catalog.files[0], "ordinals": chunk, "byte_ranges": catalog.locator[chunk, 1:]}
-            for chunk in np.split(kept, np.arange(records_per_task, len(kept), records_per_task))
+            for chunk in np.split(kept, np.arange(json_block, len(kept), json_block))
             if len(chunk)
         ]
-    tasks = []
+    parts = []
     group_of = catalog.locator[kept, 0] * (1 << 32) + catalog.locator[kept, 1]
     for group in np.unique(group_of):
         in_group = kept[group_of == group]
-        for chunk in np.split(in_group, np.arange(records_per_task, len(in_group), records_per_task)):
+        for chunk in np.split(in_group, np.arange(records_per_part, len(in_group), records_per_part)):
             file_index, row_group = (int(x) for x in catalog.locator[chunk[0], :2])
-            tasks.append({
+            parts.append({
                 **base, "uri": catalog.files[file_index], "row_group": row_group, "ordinals": chunk, "rows": catalog.locator[chunk, 2]
             })
+    return parts
+
+
+def _shuffled_tasks(units: list[dict], records_per_task: int, rng: np.random.Generator) -> list[dict]:
+    """Tasks of about `records_per_task` records from the units in a seeded random order; the
+    parts of one file in a task are merged (one coalesced read), and `order` permutes the task's
+    rows. `ordinals` lists the task's records in the order it yields them."""
+    tasks, pending, size = [], [], 0
+    for position in rng.permutation(len(units)):
+        pending.append(units[position])
+        size += len(units[position]["ordinals"])
+        if size >= records_per_task:
+            tasks.append(_merge_units(pending, rng))
+            pending, size = [], 0
+    if pending:
+        tasks.append(_merge_units(pending, rng))
     return tasks
+
+
+def _merge_units(units: list[dict], rng: np.random.Generator) -> dict:
+    merged: dict[tuple, dict] = {}
+    for unit in units:
+        key = (unit["source"], unit["uri"], unit.get("row_group"))
+        if key not in merged:
+            merged[key] = dict(unit)
+            continue
+        part = merged[key]
+        part["ordinals"] = np.concatenate([part["ordinals"], unit["ordinals"]])
+        for name in ("byte_ranges", "rows"):
+            if name in unit:
+                part[name] = np.concatenate([part[name], unit[name]])
+    parts = list(merged.values())
+    ordinals = np.concatenate([part["ordinals"] for part in parts])
+    order = rng.permutation(len(ordinals))
+    return {"parts": parts, "order": order, "ordinals": ordinals[order], "uris": sorted({p["uri"] for p in parts})}
 
 
 class ImageStore:
@@ -287,7 +335,17 @@ READ_COLUMNS = ("source", "ordinal", "record", "image", "read_error")
 
 
 def read_task_rows(task: dict):
-    """Runs one read task: the uniform rows (a pyarrow Table, `READ_COLUMNS`) of its records."""
+    """Runs one read task: the uniform rows (a pyarrow Table, `READ_COLUMNS`) of its records, in
+    the planned order."""
+    import pyarrow as pa
+
+    if "parts" not in task:
+        return _read_part_rows(task)
+    table = pa.concat_tables([_read_part_rows(part) for part in task["parts"]])
+    return table.take(pa.array(task["order"]))
+
+
+def _read_part_rows(task: dict):
     import pyarrow as pa
 
     if task["format"] == "llava_json":
@@ -304,16 +362,37 @@ def read_task_rows(task: dict):
     })
 
 
+# Records closer than this are read in one request (the bytes between are read and dropped): a
+# few ranged reads for consecutive records, one per record for a scattered (shuffled) task.
+COALESCE_GAP_BYTES = 64 * 1024
+
+
+def read_byte_ranges(handle, ranges: np.ndarray) -> list[bytes]:
+    """The bytes of each `[start, end)` row of `ranges` (any order), reading nearby ranges together."""
+    by_start = np.argsort(ranges[:, 0], kind="stable")
+    out: list[bytes] = [b""] * len(ranges)
+    i = 0
+    while i < len(by_start):
+        j = i
+        low, high = int(ranges[by_start[i], 0]), int(ranges[by_start[i], 1])
+        while j + 1 < len(by_start) and int(ranges[by_start[j + 1], 0]) - high <= COALESCE_GAP_BYTES:
+            j += 1
+            high = max(high, int(ranges[by_start[j], 1]))
+        blob = handle.read_at(high - low, low)
+        for k in by_start[i : j + 1]:
+            start, end = int(ranges[k, 0]) - low, int(ranges[k, 1]) - low
+            out[k] = blob[start:end]
+        i = j + 1
+    return out
+
+
 def _read_json_task(task: dict):
     fs, path = storage.arrow_filesystem(task["uri"])
-    ranges = task["byte_ranges"]
-    low, high = int(ranges[0, 0]), int(ranges[-1, 1])
     with fs.open_input_file(path) as handle:
-        blob = handle.read_at(high - low, low)  # one ranged read for the whole task
+        raws = read_byte_ranges(handle, np.asarray(task["byte_ranges"]))
     records, images, errors = [], [], []
     with ImageStore(task["image_root"]) as store:
-        for start, end in (ranges - low).tolist():
-            raw = blob[start:end]
+        for raw in raws:
             value = parse_record(raw)
             image, error = None, ""
             if value is not None and isinstance(value.get("image"), str):

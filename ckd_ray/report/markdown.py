@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from ckd_ray import storage
-from ckd_ray.report.plots import plot_loss_terms, plot_pool_throughput, plot_scores
+from ckd_ray.report.plots import PHASE_ORDER, plot_loss_terms, plot_pool_throughput, plot_scores, plot_step_phases
 
 SCORE_COLUMNS = ("average", "open_em", "yes_no_f1", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc", "parameters", "latency_s", "peak_memory_mb")
 
@@ -21,9 +21,13 @@ def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, me
             "teacher pool throughput": plot_pool_throughput(
                 [{"step_id": k, **v.get("teacher_pass", {})} for k, v in manifest.steps.items()], out / "teacher_throughput.png"
             ),
+            "where each step's time went": plot_step_phases(
+                {k: v.get("phases", {}) for k, v in manifest.steps.items()}, out / "step_phases.png"
+            ),
         }
         lines = [f"# Run report: {manifest.job}", "", f"Config hash `{manifest.config_hash}`; manifest: `manifest.json`.", ""]
         lines += _steps_table(manifest)
+        lines += _phases_table(manifest)
         lines += _scores_table(manifest)
         if metrics_note:
             lines += ["## Metrics", "", metrics_note, ""]
@@ -48,6 +52,28 @@ def _steps_table(manifest) -> list[str]:
             f"{entry.get('status', '')} | {metrics.get('step', '')} | {_fmt(metrics.get('loss'))} | "
             f"{_fmt(metrics.get('val_loss'))} | {signal} | {_fmt(entry.get('seconds'))} |"
         )
+    return lines + [""]
+
+
+def compute_share(steps: dict[str, dict]) -> float | None:
+    """Time in optimizer steps over the wall time of the training steps (None: no phases recorded)."""
+    timed = [entry for entry in steps.values() if entry.get("phases") and entry.get("seconds")]
+    if not timed:
+        return None
+    return sum(entry["phases"].get("training", 0.0) for entry in timed) / sum(entry["seconds"] for entry in timed)
+
+
+def _phases_table(manifest) -> list[str]:
+    share = compute_share(manifest.steps)
+    if share is None:
+        return []
+    phases = [p for p in PHASE_ORDER if any(e.get("phases", {}).get(p) for e in manifest.steps.values())]
+    lines = ["## Where the time went", "", f"compute share: {100 * share:.0f}%", "",
+             "Seconds per phase of each step (training = the optimizer steps; worker_start is paid once per worker group).", "",
+             "| step | " + " | ".join(phases) + " | total |", "|---" * (len(phases) + 2) + "|"]
+    for step_id, entry in manifest.steps.items():
+        values = entry.get("phases", {})
+        lines.append(f"| {step_id} | " + " | ".join(f"{values.get(p, 0.0):.1f}" for p in phases) + f" | {_fmt(entry.get('seconds'))} |")
     return lines + [""]
 
 

@@ -69,3 +69,33 @@ def plot_pool_throughput(passes: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+PHASE_ORDER = ("data_planning", "teacher_pass", "worker_start", "engine_init", "first_batch_wait", "training", "data_wait",
+               "reports", "checkpoint", "validation", "export", "other")
+
+
+def plot_step_phases(phases_by_step: dict[str, dict[str, float]], path: Path) -> Path | None:
+    """Stacked horizontal bars: each step's wall time split into its phases (training is the
+    optimizer steps themselves; the rest is what the step paid around them)."""
+    phases_by_step = {k: v for k, v in phases_by_step.items() if v}
+    if not phases_by_step:
+        return None
+    names = list(phases_by_step)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
+    left = [0.0] * len(names)
+    colors = plt.get_cmap("tab20").colors
+    for i, phase in enumerate(PHASE_ORDER):
+        widths = [phases_by_step[n].get(phase, 0.0) for n in names]
+        if not any(widths):
+            continue
+        ax.barh(range(len(names)), widths, left=left, label=phase, color="tab:green" if phase == "training" else colors[i % 20])
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 import time
 import uuid
 from pathlib import Path
@@ -68,13 +69,32 @@ class SignalCache:
         return json.loads(storage.read_bytes(marker))
 
     def read(self, key: str):
+        """The entry's rows in the order they were written, one read task per Parquet file. The
+        files are listed here, on the caller (read_parquet's listing task cost seconds before the
+        first batch of every step that reads the cache)."""
+        import pyarrow.dataset as pads
         import ray.data
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
 
         entry = self.lookup(key)
         if entry is None:
             raise KeyError(f"no complete signal cache entry {key!r} under {self.root_uri}")
-        filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, entry["parts"]))
-        return ray.data.read_parquet(path, filesystem=filesystem)
+        parts_uri = storage.join(self.root_uri, key, entry["parts"])
+        filesystem, path = storage.arrow_filesystem(parts_uri)
+        files = sorted(pads.dataset(path, filesystem=filesystem, format="parquet").files)  # written with ordered names
+        uris = [storage.join(parts_uri, file.rsplit("/", 1)[-1]) for file in files]
+
+        class CacheEntryFiles(Datasource):
+            def estimate_inmemory_data_size(self):
+                return None
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+                return [ReadTask(partial(_read_parquet_file, uri), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                                                                 input_files=(uri,)))
+                        for uri in uris]
+
+        return ray.data.read_datasource(CacheEntryFiles(), override_num_blocks=len(uris))
 
     def write(self, dataset, key: str, metadata: dict) -> dict:
         """Runs `dataset` (the teacher pass) to Parquet under a fresh parts folder, then writes the
@@ -93,3 +113,10 @@ class SignalCache:
 
         filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, parts))
         return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()
+
+
+def _read_parquet_file(uri: str) -> list:
+    import pyarrow.parquet as pq
+
+    filesystem, path = storage.arrow_filesystem(uri)
+    return [pq.read_table(path, filesystem=filesystem)]

@@ -1,5 +1,6 @@
-"""The student worker group: Ray Train + DeepSpeed training of one cascade step, its checkpoints
-(safetensors + JSON) and the export of the trained student in the Hugging Face format.
+"""The student worker group: Ray Train + DeepSpeed training of planned steps on one worker
+group, their checkpoints (safetensors + JSON) and the export of each trained student in the
+Hugging Face format. Steps arrive resolved (`StepPlan`); the cascade resolves them.
 
 The config tree imports `ckd_ray.train.config`, so the runner is imported lazily here (it
 imports the config tree itself).
@@ -7,9 +8,8 @@ imports the config tree itself).
 
 _EXPORTS = {
     "StepResult": "ckd_ray.train.run",
-    "export_student": "ckd_ray.train.run",
-    "plan_step": "ckd_ray.train.run",
-    "run_step": "ckd_ray.train.run",
+    "TrainStep": "ckd_ray.train.run",
+    "run_steps": "ckd_ray.train.run",
 }
 __all__ = list(_EXPORTS)
 

@@ -36,6 +36,8 @@ MODEL_DIR = "model"
 PROJECTION_FILE = "projection.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
+# Next to an exported student: the step's report history, phases and final checkpoint name.
+STEP_SUMMARY_FILE = "ckd_step.json"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -43,6 +45,8 @@ ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 class TrainState:
     """Where a step stands: what `train_state.json` holds besides the format version."""
 
+    step_id: str = ""
+    """The planned step this checkpoint belongs to (a worker group trains several in turn)."""
     step: int = 0
     """Optimizer steps taken."""
     epoch: int = 0

@@ -68,12 +68,28 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float
     }
 
 
+def skip_shared_memory_op() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op
+    (`deepspeed_shm_comm`) the first time it starts on a machine: about a minute of C++ build,
+    and a build killed midway leaves a lock under the torch extensions folder that makes every
+    later run wait forever. The op serves only DeepSpeed's inference all-reduce; training
+    reduces through torch.distributed (gloo) either way, so it is marked unavailable before the
+    backend starts, and nothing is built or locked."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def build_engine(module: StudentWithProjection, plan: OptimizerPlan, ds_config: dict, *, start_step: int = 0):
     """`deepspeed.initialize` with AdamW over the trainable parameters and the warm-up + cosine
     schedule, positioned at `start_step` (resume). DeepSpeed steps the schedule at each
     gradient-accumulation boundary."""
     import deepspeed
 
+    skip_shared_memory_op()
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=plan.weight_decay)
     schedule = partial(lr_factor, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps)

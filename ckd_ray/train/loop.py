@@ -6,6 +6,8 @@ this worker's data shard from the saved data position, report, checkpoint, valid
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ from ckd_ray.observability.metrics import GpuSampler, StudentMetrics
 from ckd_ray.train.batch import StudentBatch, student_batch
 from ckd_ray.train.checkpoint import (
     MODEL_DIR,
+    STEP_SUMMARY_FILE,
     TrainState,
     load_projection,
     read_state,
@@ -42,8 +45,14 @@ SignalDecoder = Callable[..., TeacherSignalBatch]
 class StepPlan:
     """Everything a worker needs to run one training step, resolved on the driver."""
 
+    step_id: str
+    """Stable name of the step (the manifest's key); checkpoints record it."""
     label: str
     """Names the step in progress lines, e.g. "ta->student/DPT"."""
+    export_uri: str
+    """Where the trained student is exported (a Hugging Face directory, local or s3://)."""
+    checkpoint_prefix: str
+    """Prefix of the step's checkpoint folders inside the worker group's run folder ("" or "<step_id>/")."""
     job_name: str
     stage: str
     kind: str
@@ -105,57 +114,133 @@ def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: Lo
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train entry point. `config`: {"plan": StepPlan, "decode_signal": SignalDecoder | None}."""
-    plan: StepPlan = config["plan"]
-    decode_signal: SignalDecoder | None = config["decode_signal"]
+    """Ray Train entry point: trains `config["steps"]`, a list of (StepPlan, SignalDecoder | None),
+    one after the other on this worker group, each from its own initial model and on its own
+    dataset shards ("train-<i>", "val-<i>"). The group, its process group and the imported
+    libraries stay up across the steps; only the model and the DeepSpeed engine are rebuilt.
+
+    After a restart (or in a resubmitted run) the latest checkpoint names the step it belongs
+    to: earlier steps are done (their exports exist) and are skipped, that step resumes from its
+    data position, a finished one is not trained again. `config["events"]` (a Ray queue, or
+    None) receives rank 0's progress: ("started" | "progress" | "done", step_id, payload)."""
+    steps: list[tuple[StepPlan, SignalDecoder | None]] = config["steps"]
+    events = config.get("events")
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    engine, state = restore_or_build(plan, device)
+    checkpoint = ray.train.get_checkpoint()
+    resume_state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume_state = read_state(directory)
+    step_ids = [plan.step_id for plan, _ in steps]
+    first = step_ids.index(resume_state.step_id) if resume_state is not None and resume_state.step_id in step_ids else 0
+    _prefetch_shard(f"train-{first}")  # its coordinator starts while the engine builds
+    for index in range(first, len(steps)):
+        if index + 1 < len(steps):
+            _prefetch_shard(f"train-{index + 1}")
+        plan, decode_signal = steps[index]
+        resume = checkpoint if resume_state is not None and index == first and resume_state.step_id == plan.step_id else None
+        emit = _emitter(events, plan.step_id, rank)
+        run_one_step(plan, decode_signal, resume, index, device, rank, emit, config["validation"][index])
+
+
+def _prefetch_shard(name: str) -> None:
+    """Asks for the next step's shard now, on a helper thread: its split coordinator (an actor,
+    so a process start) is then up when the step begins, instead of delaying its first batch by
+    seconds. Nothing is read before the step iterates the shard."""
+    import threading
+
+    threading.Thread(target=ray.train.get_dataset_shard, args=(name,), name=f"ckd-prefetch-{name}", daemon=True).start()
+
+
+def _emitter(events, step_id: str, rank: int):
+    def emit(kind: str, payload: dict) -> None:
+        if events is not None and rank == 0:
+            events.put((kind, step_id, {**payload, "at": time.time()}))  # an actor call; a few per optimizer step at most
+
+    return emit
+
+
+def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint, index: int, device: torch.device, rank: int, emit,
+                 validation_rows=None) -> None:
+    """One step on this worker: build (or restore) the student, train on shard "train-<index>",
+    validate on `validation_rows` (an ObjectRef of numpy columns), write the final checkpoint
+    and the export. Records its phases."""
+    phases = Phases()
+    with phases.timed("engine_init"):
+        engine, state = restore_or_build(plan, device, checkpoint)
+    if state.step >= plan.total_steps and checkpoint is not None:
+        emit("done", {"skipped": True})  # finished before a restart: its export was written before its final report
+        return
+    emit("started", {"total_steps": plan.total_steps, "resumed_from": state.step, "engine_init_s": phases.seconds["engine_init"]})
     pixel_dtype = torch.bfloat16 if plan.bf16 else torch.float32
-    finished_before = state.step >= plan.total_steps
     student_metrics = StudentMetrics(plan.job_name, plan.stage, plan.kind, worker=str(rank))
-    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), rank, student_metrics)
+    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), rank, student_metrics, phases, emit)
     gpu_sampler = GpuSampler(role="student", job=plan.job_name).start()
 
     engine.train()
     window = ReportWindow()
-    batches = micro_batches(ray.train.get_dataset_shard("train"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
+    batches = micro_batches(ray.train.get_dataset_shard(f"train-{index}"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
+    first_batch = True
     while state.step < plan.total_steps:
-        epoch, index, batch, waited_s = next(batches)
+        epoch, index_in_epoch, batch, waited_s = next(batches)
+        phases.add("first_batch_wait" if first_batch else "data_wait", waited_s)
+        first_batch = False
         started = time.perf_counter()
         at_boundary = engine.is_gradient_accumulation_boundary()  # before step() advances it
         lr = engine.get_lr()[0]
         signal = decode_signal(batch, device=device) if decode_signal else TeacherSignalBatch()
         terms = train_step(engine, student_batch(batch, device, pixel_dtype), signal, plan.loss)
-        window.add(terms, batch, busy_s=time.perf_counter() - started, waited_s=waited_s)
-        state.epoch, state.batches_in_epoch = next_position(epoch, index, plan.batches_per_epoch)
+        busy_s = time.perf_counter() - started
+        phases.add("training", busy_s)
+        window.add(terms, batch, busy_s=busy_s, waited_s=waited_s)
+        state.epoch, state.batches_in_epoch = next_position(epoch, index_in_epoch, plan.batches_per_epoch)
         if not at_boundary:
             continue
         state.step += 1
         student_metrics.record_step(**window.close_step(), lr=lr)
+        emit("progress", {"step": state.step, "loss": float(terms["total"]), "samples": int(len(batch["input_ids"])) * plan.num_workers * plan.grad_accum})
         if state.step == plan.total_steps:
             break
         if state.step % plan.report_every == 0 or state.step % plan.checkpoint_every == 0:
-            checkpoint = state.step % plan.checkpoint_every == 0
-            report(state, window.flush(state, lr), checkpoint=checkpoint)
+            checkpoint_now = state.step % plan.checkpoint_every == 0
+            report(state, window.flush(state, lr), checkpoint=checkpoint_now)
 
-    metrics = window.flush(state, lr) if not finished_before else {"step": state.step}
-    if plan.has_validation:
-        metrics.update(validate(engine, ray.train.get_dataset_shard("val"), plan, device, pixel_dtype))
-    # A step that had finished before keeps its final checkpoint: registering the same folder
-    # twice would let checkpoint retention delete the folder the latest entry points to.
-    report(state, metrics, checkpoint=not finished_before)
+    metrics = window.flush(state, lr)
+    if plan.has_validation and validation_rows is not None:
+        with phases.timed("validation"):
+            metrics.update(validate(engine, ray.get(validation_rows), plan, device, pixel_dtype))
+    report(state, metrics, checkpoint=True, final=True)
     gpu_sampler.stop()
+    emit("done", {"history": state.history, "phases": phases.seconds, "num_steps": state.step, "resumed_from": state.resumed_from})
 
 
-def restore_or_build(plan: StepPlan, device: torch.device):
-    """The DeepSpeed engine and train state: from the latest checkpoint Ray Train hands this run
-    (after a worker-group restart, or when a resubmitted job finds one in the run folder), else
-    fresh from the step's initial model."""
-    fresh = TrainState(num_workers=plan.num_workers, micro_batch_size=plan.micro_batch_size, schedule=asdict(plan.optimizer))
-    checkpoint = ray.train.get_checkpoint()
+class Phases:
+    """Seconds per phase of one step on this worker (rank 0's are the step's record)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+
+def restore_or_build(plan: StepPlan, device: torch.device, checkpoint=None):
+    """The DeepSpeed engine and train state: from `checkpoint` (the latest one Ray Train hands
+    this run after a worker-group restart, or that a resubmitted job finds in the run folder),
+    else fresh from the step's initial model."""
+    fresh = TrainState(step_id=plan.step_id, num_workers=plan.num_workers, micro_batch_size=plan.micro_batch_size,
+                       schedule=asdict(plan.optimizer))
     if checkpoint is None:
         return build_student(plan, device, None, fresh), fresh
     with checkpoint.as_directory() as directory:
@@ -172,6 +257,8 @@ def restore_or_build(plan: StepPlan, device: torch.device):
                 "the lr schedule depends on the step count. Restore the trainer settings, or delete the step's "
                 "output folder to start the step over"
             )
+        if state.step >= plan.total_steps:
+            return None, state  # finished: nothing to build
         state.resumed_from.append(state.step)
         return build_student(plan, device, Path(directory), state), state
 
@@ -236,29 +323,44 @@ def next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, 
 class Reporter:
     """Reports from every worker (`ray.train.report` is a barrier: all must call it alike) and,
     with `checkpoint`, has every worker take part in gathering the weights and optimizer state
-    that rank 0 then uploads. Rank 0 prints one progress line per report."""
+    that rank 0 then uploads. The final report of a step first exports the student to
+    `plan.export_uri` (so a finished checkpoint always has its export). Rank 0 writes one
+    progress line per report to its log."""
 
-    def __init__(self, engine, plan: StepPlan, processor_dir, rank: int, student_metrics: StudentMetrics):
+    def __init__(self, engine, plan: StepPlan, processor_dir, rank: int, student_metrics: StudentMetrics, phases, emit):
         self.engine, self.plan, self.processor_dir, self.rank = engine, plan, processor_dir, rank
-        self.student_metrics = student_metrics
+        self.student_metrics, self.phases, self.emit = student_metrics, phases, emit
 
-    def __call__(self, state: TrainState, metrics: dict, *, checkpoint: bool) -> None:
+    def __call__(self, state: TrainState, metrics: dict, *, checkpoint: bool, final: bool = False) -> None:
+        started = time.perf_counter()
         state.history.append(metrics)
         if self.rank == 0:
             # Not print(): Ray Train routes print through its logger and echoes it, two lines a report.
             sys.stdout.write(progress_line(self.plan, metrics) + "\n")
             sys.stdout.flush()
+        reported = {**metrics, "step_id": self.plan.step_id, "final": final}
         if not checkpoint:
-            ray.train.report(metrics)
+            ray.train.report(reported)
+            self.phases.add("reports", time.perf_counter() - started)
             return
-        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ckd-checkpoint-") as directory:
             write_checkpoint(self.engine, state, directory, processor_dir=self.processor_dir, is_writer=self.rank == 0)
+            written = time.perf_counter()
+            self.phases.add("checkpoint", written - started)
+            if final and self.rank == 0:
+                summary = {"history": state.history, "phases": self.phases.seconds, "num_steps": state.step,
+                           "resumed_from": state.resumed_from, "checkpoint": f"{self.plan.checkpoint_prefix}step-{state.step:07d}"}
+                Path(directory, MODEL_DIR, STEP_SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+                storage.upload_dir(Path(directory) / MODEL_DIR, self.plan.export_uri)
+                Path(directory, MODEL_DIR, STEP_SUMMARY_FILE).unlink()
+                self.phases.add("export", time.perf_counter() - written)
+                written = time.perf_counter()
             ray.train.report(
-                metrics,
+                reported,
                 checkpoint=ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None,
-                checkpoint_dir_name=f"step-{state.step:07d}",
+                checkpoint_dir_name=f"{self.plan.checkpoint_prefix}step-{state.step:07d}",
             )
+        self.phases.add("checkpoint", time.perf_counter() - written)
         self.student_metrics.record_checkpoint(time.perf_counter() - started)
 
 
@@ -275,12 +377,16 @@ def progress_line(plan: StepPlan, metrics: dict) -> str:
 
 
 @torch.no_grad()
-def validate(engine, shard, plan: StepPlan, device: torch.device, pixel_dtype: torch.dtype) -> dict[str, float]:
-    """Task loss and next-token accuracy over the response tokens of the validation data, both
-    token-weighted means over all workers' shards."""
+def validate(engine, columns: dict[str, np.ndarray], plan: StepPlan, device: torch.device, pixel_dtype: torch.dtype) -> dict[str, float]:
+    """Task loss and next-token accuracy over the response tokens of the validation rows, both
+    token-weighted means over all workers (worker r takes rows r, r + W, ...)."""
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss x tokens, correct tokens, tokens
-    for batch in shard.iter_batches(batch_size=plan.micro_batch_size, batch_format="numpy", drop_last=False):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {name: values[rank::world] for name, values in columns.items()}
+    num_rows = len(next(iter(mine.values()))) if mine else 0
+    for start in range(0, num_rows, plan.micro_batch_size):
+        batch = {name: values[start : start + plan.micro_batch_size] for name, values in mine.items()}
         inputs = student_batch(batch, device, pixel_dtype)
         logits_BLV = engine(**inputs.model_inputs(), use_cache=False).logits
         mask_BL = inputs.response_mask_BL & (inputs.target_ids_BL != IGNORE_INDEX)

@@ -1,36 +1,51 @@
-"""Runs one training step of a cascade stage on a Ray Train worker group and exports the student.
+"""Runs planned training steps on one Ray Train worker group and exports each step's student.
 
-The cascade runner calls `run_step` once per step. Everything under `output_uri` belongs to the
-step: `train/` (Ray Train's run folder: checkpoints and its snapshot of them) and `model/` (the
-exported student). Calling `run_step` again with the same `output_uri` (a resubmitted job)
-resumes from the latest checkpoint in `train/`; a step whose final checkpoint is there is not
-trained again, only validated and exported.
+`run_steps` trains a list of steps, one after the other, on a single `TorchTrainer`: the worker
+group, its process group and the imported libraries start once for the list, not once per step
+(on a 2-core machine a worker-group start costs 10-20 s, about what 40 optimizer steps of the
+tiny cascade cost). Each step is resolved beforehand into a `StepPlan` (the cascade side does
+that: `ckd_ray.cascade.steps`), so this package knows nothing of stages or plans.
+
+Outputs: each step exports its student to `plan.export_uri`; checkpoints go to the group's run
+folder `<storage_uri>/<name>/<plan.checkpoint_prefix>step-NNNNNNN`. Running the same list
+again on the same run folder (a resubmitted job) resumes from the latest checkpoint: finished
+steps are skipped, the interrupted one continues from its data position.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import tempfile
+import queue
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import DISTILLATION_STEPS, STEP_FREEZE, StageConfig, StepConfig, effective_loss
-from ckd_ray.config.job import JobConfig
-from ckd_ray.models.presets import PRESETS
-from ckd_ray.train.checkpoint import MODEL_DIR, STATE_FILE, TrainState
-from ckd_ray.train.engine import OptimizerPlan, warmup_steps_for
+from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
+from ckd_ray.train.config import TrainerConfig
 from ckd_ray.train.loop import SignalDecoder, StepPlan, train_worker
 
 RUN_FOLDER = "train"
-EXPORT_FOLDER = "model"
+
+
+@dataclass
+class TrainStep:
+    """One step as the worker group runs it: the resolved plan and its data."""
+
+    plan: StepPlan
+    train_dataset: object
+    """A `ray.data.Dataset` of pipeline rows (plus `sig_*` columns when the step distills)."""
+    val_dataset: object = None
+    """Validation rows: an ObjectRef of numpy columns (`StepData.validation`), or a Dataset
+    (read into such columns here)."""
+    decode_signal: SignalDecoder | None = None
+    """Turns a batch's `sig_*` columns into the losses' TeacherSignalBatch (distillation steps)."""
 
 
 @dataclass
 class StepResult:
-    """What a finished training step hands back to the cascade runner."""
+    """What a finished training step hands back."""
 
     model_uri: str
     """The exported student: a Hugging Face directory that loads with `transformers` alone."""
@@ -44,72 +59,124 @@ class StepResult:
     """Optimizer steps the step ran."""
     resumed_from: list[int] = field(default_factory=list)
     """The step each worker-group restart or resubmission resumed from (empty: ran straight through)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase on rank 0: engine_init, first_batch_wait, training, data_wait, reports,
+    checkpoint, validation, export (worker_start is added by the caller that measured it)."""
 
 
-def run_step(
-    job: JobConfig,
-    stage: StageConfig,
-    step: StepConfig,
+# Event handler: (kind, step_id, payload) with kind "group_started", "started", "progress", "done".
+EventHandler = Callable[[str, str, dict], None]
+
+
+def run_steps(
+    trainer_config: TrainerConfig,
+    steps: list[TrainStep],
     *,
-    init_model_uri: str,
-    train_dataset,
-    val_dataset=None,
-    output_uri: str,
-    num_train_samples: int | None = None,
-    decode_signal: SignalDecoder | None = None,
-) -> StepResult:
-    """Trains the learner of `stage` for `step` on `train_dataset` (rows of the data pipeline,
-    plus the teacher's `sig_` columns for DPT/DFT) starting from the Hugging Face directory
-    `init_model_uri`, validates on `val_dataset`, and exports the student to `<output_uri>/model`.
+    storage_uri: str,
+    name: str = RUN_FOLDER,
+    max_failures: int | None = None,
+    keep_checkpoints: int | None = None,
+    callbacks: list | None = None,
+    on_event: EventHandler | None = None,
+    worker_loop=train_worker,
+    loop_config: dict | None = None,
+) -> list[StepResult]:
+    """Trains `steps` in order on one worker group shaped by `trainer_config`; returns a result
+    per step. `on_event` is called on this thread as rank 0 starts a step, finishes an optimizer
+    step and finishes a step (the Train run itself runs on a helper thread meanwhile), so a
+    caller can keep its manifest and progress bar current while the group trains. `worker_loop`
+    wraps `train_worker` where a caller needs more on the workers (Tune); `loop_config` adds to
+    its config."""
+    from ray.util.queue import Queue
 
-    `num_train_samples` sizes the lr schedule; without it the dataset is counted, which runs
-    its pipeline (teacher stage included) once. `decode_signal` turns a batch's `sig_` columns
-    into the losses' TeacherSignalBatch; the default is `ckd_ray.teachers.decode_signal` with
-    `job.signal`.
-    """
-    if num_train_samples is None:
-        num_train_samples = train_dataset.count()
-    plan = plan_step(job, stage, step, init_model_uri=init_model_uri, num_train_samples=num_train_samples,
-                     has_validation=val_dataset is not None)
-    if step.kind not in DISTILLATION_STEPS:
-        decode_signal = None  # PT, FT, SFT: the task loss needs no teacher
-    elif decode_signal is None:
-        decode_signal = default_signal_decoder(job, plan.loss.attention_layers)
+    events = Queue(actor_options={"num_cpus": 0}) if on_event else None
+    validation = [_validation_ref(step.val_dataset) for step in steps]
+    loop_config = {**(loop_config or {}), "steps": [(step.plan, step.decode_signal) for step in steps], "events": events,
+                   "validation": validation}
+    datasets = {f"train-{index}": step.train_dataset for index, step in enumerate(steps)}
+    trainer = build_trainer(
+        trainer_config, worker_loop, loop_config, storage_uri=storage_uri, name=name, datasets=datasets,
+        max_failures=trainer_config.max_failures if max_failures is None else max_failures,
+        keep_checkpoints=trainer_config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    outcome: dict = {}
 
-    trainer = build_trainer(job, train_worker, {"plan": plan, "decode_signal": decode_signal}, output_uri=output_uri,
-                            train_dataset=train_dataset, val_dataset=val_dataset,
-                            max_failures=job.trainer.max_failures, keep_checkpoints=job.trainer.keep_checkpoints)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"step {plan.label} finished without a checkpoint in {output_uri}")
-    checkpoint_uri = storage.join(output_uri, RUN_FOLDER, Path(result.checkpoint.path).name)
-    state = TrainState.from_json(storage.read_bytes(storage.join(checkpoint_uri, STATE_FILE)).decode())
-    model_uri = export_student(result.checkpoint, storage.join(output_uri, EXPORT_FOLDER))
-    return StepResult(model_uri=model_uri, metrics=state.history[-1], history=state.history, checkpoint_uri=checkpoint_uri,
-                      num_steps=state.step, resumed_from=state.resumed_from)
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised on the caller's thread
+            outcome["error"] = err
+
+    runner = threading.Thread(target=fit, name="ckd-train-fit", daemon=True)
+    runner.start()
+    if on_event:
+        on_event("group_started", "", {"seconds": 0.0})
+        first_event = True
+        while runner.is_alive() or not events.empty():
+            try:
+                kind, step_id, payload = events.get(timeout=0.5)
+            except queue.Empty:  # ray.util.queue.Empty subclasses it
+                continue
+            if first_event:
+                payload = {**payload, "worker_start_s": time.perf_counter() - started}
+                first_event = False
+            on_event(kind, step_id, payload)
+    runner.join()
+    if events is not None:
+        events.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    return [read_step_result(step.plan, storage_uri, name) for step in steps]
+
+
+def _validation_ref(val):
+    """Validation rows go to the workers through the object store, not as a Ray Train dataset:
+    a few hundred rows do not need a streaming split (and its coordinator's start) per step."""
+    import ray
+
+    if val is None or isinstance(val, ray.ObjectRef):
+        return val
+    from ckd_ray.data.pipeline import stack_columns
+
+    return ray.put(stack_columns(val))
+
+
+def read_step_result(plan: StepPlan, storage_uri: str, name: str = RUN_FOLDER) -> StepResult:
+    """A finished step's result, from the summary written next to its export."""
+    summary = json.loads(storage.read_bytes(storage.join(plan.export_uri, STEP_SUMMARY_FILE)))
+    history = summary["history"]
+    return StepResult(
+        model_uri=plan.export_uri,
+        metrics=history[-1],
+        history=history,
+        checkpoint_uri=storage.join(storage_uri, name, summary["checkpoint"]),
+        num_steps=summary["num_steps"],
+        resumed_from=summary["resumed_from"],
+        phases=summary["phases"],
+    )
 
 
 def build_trainer(
-    job: JobConfig,
+    trainer_config: TrainerConfig,
     worker_loop,
     loop_config: dict,
     *,
-    output_uri: str,
-    train_dataset,
-    val_dataset=None,
+    storage_uri: str,
+    name: str,
+    datasets: dict,
     max_failures: int,
     keep_checkpoints: int,
     callbacks: list | None = None,
 ):
-    """The Ray Train `TorchTrainer` of one step, shaped by `job.trainer`: its worker group, run
-    folder `<output_uri>/train` (local or S3, through the system's storage settings), and
-    order-preserving ingest of `train_dataset` / `val_dataset`. The cascade's `run_step` and
-    Ray Tune's trial runs both build their trainers here, so a trial trains exactly as a step does."""
+    """The Ray Train `TorchTrainer` of a worker group shaped by `trainer_config`: its run folder
+    `<storage_uri>/<name>` (local or S3, through the system's storage settings) and
+    order-preserving ingest of `datasets`."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer_config = job.trainer
-    storage_path, storage_filesystem = _run_storage(output_uri)
+    storage_path, storage_filesystem = _run_storage(storage_uri)
     resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {}), **trainer_config.resources}
     return TorchTrainer(
         worker_loop,
@@ -118,114 +185,25 @@ def build_trainer(
             num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=RUN_FOLDER,
+            name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=callbacks or [],
         ),
-        datasets={"train": train_dataset, **({"val": val_dataset} if val_dataset is not None else {})},
+        datasets=datasets,
         dataset_config=DataConfig(execution_options=_ordered_ingest(), enable_shard_locality=False),
     )
 
 
-def plan_step(
-    job: JobConfig,
-    stage: StageConfig,
-    step: StepConfig,
-    *,
-    init_model_uri: str,
-    num_train_samples: int,
-    has_validation: bool = False,
-) -> StepPlan:
-    """Resolves a step's settings: step overrides over `job.trainer`, the effective loss, the
-    freeze policy, and the number of optimizer steps from the data size."""
-    trainer = job.trainer
-    loss = effective_loss(job.loss, stage, step)
-    samples_per_worker = num_train_samples // trainer.num_workers  # equal shards drop the remainder
-    batches_per_epoch = math.ceil(samples_per_worker / trainer.micro_batch_size)
-    epochs = step.epochs or trainer.epochs
-    total_steps = math.floor(epochs * batches_per_epoch) // trainer.grad_accum
-    max_steps = step.max_steps or trainer.max_steps
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
-    label = f"{stage.label}/{step.kind}"
-    if total_steps < 1:
-        raise ValueError(
-            f"step {label} has no optimizer step: {num_train_samples} samples over {trainer.num_workers} workers, "
-            f"micro-batch {trainer.micro_batch_size}, grad_accum {trainer.grad_accum}, {epochs} epochs; "
-            "add data, or lower trainer.grad_accum / trainer.micro_batch_size"
-        )
-    learner = job.models[stage.learner]
-    return StepPlan(
-        label=label,
-        job_name=job.name,
-        stage=stage.label,
-        kind=step.kind,
-        init_model_uri=init_model_uri,
-        trust_remote_code=learner.trust_remote_code,
-        freeze_policy=STEP_FREEZE[step.kind],
-        loss=loss,
-        optimizer=OptimizerPlan(
-            lr=step.lr or trainer.lr[step.kind],
-            weight_decay=trainer.weight_decay,
-            total_steps=total_steps,
-            warmup_steps=warmup_steps_for(total_steps, trainer.warmup_ratio),
-        ),
-        micro_batch_size=trainer.micro_batch_size,
-        grad_accum=trainer.grad_accum,
-        grad_clip=trainer.grad_clip,
-        zero_stage=trainer.zero_stage,
-        bf16=trainer.uses_bf16,
-        num_workers=trainer.num_workers,
-        batches_per_epoch=batches_per_epoch,
-        report_every=trainer.report_every,
-        checkpoint_every=trainer.checkpoint_every,
-        seed=job.seed,
-        teacher_hidden_size=_teacher_hidden_size(job, stage) if loss.weights.feature > 0 else None,
-        has_validation=has_validation,
-    )
-
-
-def default_signal_decoder(job: JobConfig, attention_layers: dict[int, int]) -> SignalDecoder:
-    from ckd_ray.teachers.signal import decode_signal
-
-    return partial(decode_signal, spec=job.signal, attention_layers=dict(attention_layers))
-
-
-def export_student(checkpoint, export_uri: str) -> str:
-    """Copies a checkpoint's student (config.json, model.safetensors, tokenizer and processor
-    files) to `export_uri`: a Hugging Face directory that plain `transformers` loads. The feature
-    projection and the optimizer state stay behind in the checkpoint. `checkpoint` is the
-    `ray.train.Checkpoint` a run reported; it is read through Ray's storage filesystem."""
-    from ray.train import Checkpoint
-
-    model = Checkpoint(path=f"{checkpoint.path}/{MODEL_DIR}", filesystem=checkpoint.filesystem)
-    with tempfile.TemporaryDirectory(prefix="ckd-export-") as local:
-        model.to_directory(local)
-        storage.upload_dir(local, export_uri)
-    return export_uri
-
-
-def _teacher_hidden_size(job: JobConfig, stage: StageConfig) -> int:
-    """Hidden width of the stage's teacher, from its preset or its directory's config.json."""
-    if stage.teacher is None:
-        raise ValueError(f"stage {stage.label} has the feature loss on but no teacher")
-    spec = job.models[stage.teacher]
-    if spec.preset:
-        return PRESETS[spec.preset].text.hidden_size
-    config = json.loads(storage.read_bytes(storage.join(spec.path, "config.json")))
-    return config.get("text_config", config)["hidden_size"]
-
-
-def _run_storage(output_uri: str):
+def _run_storage(uri: str):
     """RunConfig's storage_path and filesystem: S3 goes through the same pyarrow filesystem (and
     endpoint settings) as the rest of the system."""
-    if storage.is_s3(output_uri):
-        filesystem, path = storage.arrow_filesystem(output_uri)
+    if storage.is_s3(uri):
+        filesystem, path = storage.arrow_filesystem(uri)
         return path, filesystem
-    return storage.parse(output_uri).path, None
+    return storage.parse(uri).path, None
 
 
 def _ordered_ingest():

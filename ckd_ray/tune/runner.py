@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from functools import partial
 
 import yaml
 from ray import tune
@@ -33,9 +32,9 @@ from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
 from ckd_ray.cascade.runner import CascadeResult, _initial_checkpoints, connect_ray, quiet_data_progress
 from ckd_ray.cascade.signal import attach_teacher_signal
+from ckd_ray.cascade.steps import EXPORT_FOLDER, prepare_step, split_segments
 from ckd_ray.config.job import JobConfig
 from ckd_ray.config.loader import ConfigError, validate_config
-from ckd_ray.teachers import decode_signal
 from ckd_ray.tune.checks import check_tune
 from ckd_ray.tune.space import Search, plan_searches, signal_step, split_key, with_values
 from ckd_ray.tune.trial import (
@@ -83,13 +82,13 @@ class TuneOutcome:
     """The cascade run with the best config (`run_best`)."""
 
 
-def run_tune(job: JobConfig, *, run_best: bool = False, log=print) -> TuneOutcome:
+def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver: bool = True) -> TuneOutcome:
     from ckd_ray.tune.report import write_tune_report
 
     problems = check_tune(job)
     if problems:
         raise ConfigError(problems, "tune")
-    connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port)
+    connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
     tune_uri = storage.join(job.run_uri, "tune")
     manifest = Manifest.open(tune_uri, job)
@@ -98,9 +97,8 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print) -> TuneOutcom
     log(f"[tune] {job.name}: {job.tune.mode}, {len(searches)} search(es) of {job.tune.num_samples} trials, "
         f"{job.tune.max_steps_per_trial} steps per trial; outputs in {tune_uri}")
     _initial_checkpoints(job, manifest, data.processor_uri, tune_uri, log)
-    for planned in build_plan(job):
-        if planned.stage_index < 0:  # teacher preparation: once, as in the cascade
-            _run_full_step(job, planned, manifest.roles, manifest, data, tune_uri, planned.step_id, log)
+    # Teacher preparation: once, as in the cascade.
+    _run_full_steps(job, [p for p in build_plan(job) if p.stage_index < 0], manifest.roles, manifest, data, tune_uri, "", log)
 
     roles = dict(manifest.roles)  # the searched stages' students evolve here, not in the manifest
     best_values: dict[int, dict[str, float]] = {}
@@ -121,11 +119,10 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print) -> TuneOutcom
         if job.tune.mode == "joint" or stage_index == last_searched:
             break
         digest = hashlib.sha256(json.dumps(best_values, sort_keys=True).encode()).hexdigest()[:8]
-        for planned in build_plan(current):
-            if planned.stage_index == stage_index:
-                teacher_pass = _run_full_step(current, planned, roles, manifest, data, tune_uri, f"{planned.step_id}-{digest}", log)
-                if outcomes and stage_index in outcomes[-1].search.stage_indices:
-                    outcomes[-1].count(teacher_pass)
+        stage_steps = [p for p in build_plan(current) if p.stage_index == stage_index]
+        for teacher_pass in _run_full_steps(current, stage_steps, roles, manifest, data, tune_uri, f"-{digest}", log):
+            if outcomes and stage_index in outcomes[-1].search.stage_indices:
+                outcomes[-1].count(teacher_pass)
 
     best_raw = best_config(job, best_values)
     best_config_uri = storage.join(tune_uri, BEST_CONFIG)
@@ -142,7 +139,7 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print) -> TuneOutcom
         from ckd_ray.cascade.runner import run_cascade
 
         log(f"[tune] running the cascade with the best config ({best_raw['name']})")
-        outcome.cascade = run_cascade(validate_config(best_raw, source=best_config_uri), log=log)
+        outcome.cascade = run_cascade(validate_config(best_raw, source=best_config_uri), log=log, log_to_driver=log_to_driver)
     return outcome
 
 
@@ -170,7 +167,7 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
         if job.teacher_pool.use_cache:
             _, _, teacher_pass = attach_teacher_signal(
                 job, signal_step(planned, searched_terms[planned.stage_index]), roles[planned.teacher], roles[planned.learner],
-                data.train(planned), data, log,
+                data.train(planned)[0], data, log,
             )
             outcome.count(teacher_pass)
         # Preprocessed once here, not once per trial.
@@ -205,7 +202,7 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a failing trial is a result, not the end
             verbose=0,
             callbacks=[TrialProgress(search.name, settings.metric, log),
-                       ReleaseStoppedTrialRuns(search_uri, [planned.step_id for planned in runs])],
+                       ReleaseStoppedTrialRuns(search_uri)],
         ),
     )
     log(f"[tune] {search.name}: searching {', '.join(search.dims)} over {len(runs)} step(s), {settings.num_samples} trials")
@@ -226,38 +223,45 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
     return outcome
 
 
-def _run_full_step(job: JobConfig, planned: PlannedStep, roles: dict[str, str], manifest: Manifest, data: StepData,
-                   tune_uri: str, record_id: str, log) -> dict:
-    """Trains one planned step as the cascade does (full budget, teacher signal from the cache)
-    and moves `roles[learner]` to its student. A step the manifest holds as done is not redone."""
-    from ckd_ray.train.run import run_step
+def _run_full_steps(job: JobConfig, planned_steps: list[PlannedStep], roles: dict[str, str], manifest: Manifest,
+                    data: StepData, tune_uri: str, suffix: str, log) -> list[dict]:
+    """Trains planned steps as the cascade does (full budget, teacher signal from the cache; one
+    worker group for consecutive steps) and moves `roles[learner]` along. Steps the manifest
+    holds as done (under `<step_id><suffix>`) are not redone. Returns the teacher passes."""
+    from ckd_ray.train.run import run_steps
 
-    if manifest.done(record_id):
-        roles[planned.learner] = manifest.steps[record_id]["model_uri"]
-        log(f"[tune] {record_id}: done in an earlier run, skipped")
-        return {}
-    log(f"[tune] {record_id}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind} in full")
-    train_dataset, teacher_pass, decoder = data.train(planned), {}, None
-    if planned.distills:
-        train_dataset, spec, teacher_pass = attach_teacher_signal(
-            job, planned, roles[planned.teacher], roles[planned.learner], train_dataset, data, log
-        )
-        decoder = partial(decode_signal, spec=spec, attention_layers=dict(planned.loss.attention_layers))
-    result = run_step(
-        job, planned.stage, planned.step,
-        init_model_uri=roles[planned.learner],
-        train_dataset=train_dataset,
-        val_dataset=data.validation(planned),
-        output_uri=storage.join(tune_uri, "steps", record_id),
-        num_train_samples=teacher_pass.get("samples"),
-        decode_signal=decoder,
-    )
-    data.check_rejects(planned)
-    roles[planned.learner] = result.model_uri
-    manifest.record(record_id, status="done", stage=planned.stage.label, step=planned.kind, learner=planned.learner,
-                    teacher=planned.teacher, weights=planned.loss.weights.model_dump(), temperature=planned.loss.temperature,
-                    model_uri=result.model_uri, metrics=result.metrics, teacher_pass=teacher_pass)
-    return teacher_pass
+    pending = []
+    for planned in planned_steps:
+        record_id = f"{planned.step_id}{suffix}"
+        if manifest.done(record_id):
+            roles[planned.learner] = manifest.steps[record_id]["model_uri"]
+            log(f"[tune] {record_id}: done in an earlier run, skipped")
+        else:
+            pending.append(planned)
+    teacher_passes = []
+    for segment in split_segments(pending):
+        existing = dict(roles)
+        prepared = []
+        for planned in segment:
+            record_id = f"{planned.step_id}{suffix}"
+            log(f"[tune] {record_id}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind} in full")
+            export_uri = storage.join(tune_uri, "steps", record_id, EXPORT_FOLDER)
+            prepared.append(prepare_step(
+                job, planned, data, init_model_uri=roles[planned.learner],
+                teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
+                vocab_learner_uri=existing[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{record_id}/", log=log,
+            ))
+            roles[planned.learner] = export_uri
+        name = f"train/{segment[0].step_id}{suffix}"
+        results = run_steps(job.trainer, [step.train_step for step in prepared], storage_uri=tune_uri, name=name)
+        for planned, step, result in zip(segment, prepared, results):
+            data.check_rejects(planned)
+            manifest.record(f"{planned.step_id}{suffix}", status="done", stage=planned.stage.label, step=planned.kind,
+                            learner=planned.learner, teacher=planned.teacher, weights=planned.loss.weights.model_dump(),
+                            temperature=planned.loss.temperature, model_uri=result.model_uri, metrics=result.metrics,
+                            teacher_pass=step.teacher_pass)
+            teacher_passes.append(step.teacher_pass)
+    return teacher_passes
 
 
 def _row(search: Search, number: int, result, metric: str) -> dict:

@@ -1,0 +1,222 @@
+"""One planned step, end to end: its budget, its data, its teacher signal, its resolved
+`StepPlan`, and the worker-group run that trains it. The cascade runner and both Tune paths
+(trials and the stages trained in full between searches) go through here, so a trial trains
+exactly as a cascade step does.
+
+Consecutive steps train on one worker group (`train_segment`); a new group is started only
+where a step's teacher is a model the group itself has just trained (the teacher pass needs
+that model on storage first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+from ckd_ray import storage
+from ckd_ray.cascade.config import DISTILLATION_STEPS, STEP_FREEZE, StageConfig, StepConfig, effective_loss
+from ckd_ray.config.job import JobConfig
+from ckd_ray.models.presets import PRESETS
+from ckd_ray.train.engine import OptimizerPlan, warmup_steps_for
+from ckd_ray.train.loop import SignalDecoder, StepPlan
+from ckd_ray.train.run import RUN_FOLDER, StepResult, TrainStep, run_steps
+
+EXPORT_FOLDER = "model"
+
+
+def step_budget(job: JobConfig, step: StepConfig) -> tuple[int | None, float]:
+    """(max optimizer steps or None, epochs) of a step: its own settings over `job.trainer`."""
+    return step.max_steps or job.trainer.max_steps, step.epochs or job.trainer.epochs
+
+
+def samples_per_optimizer_step(job: JobConfig) -> int:
+    trainer = job.trainer
+    return trainer.micro_batch_size * trainer.num_workers * trainer.grad_accum
+
+
+def samples_needed(job: JobConfig, step: StepConfig) -> int | None:
+    """Samples a step's optimizer steps consume (None: no step budget, the data decides):
+    `epochs` passes over N samples give epochs * N / per_step optimizer steps."""
+    max_steps, epochs = step_budget(job, step)
+    if max_steps is None:
+        return None
+    return math.ceil(max_steps * samples_per_optimizer_step(job) / epochs)
+
+
+def plan_step(
+    job: JobConfig,
+    stage: StageConfig,
+    step: StepConfig,
+    *,
+    init_model_uri: str,
+    num_train_samples: int,
+    export_uri: str,
+    step_id: str | None = None,
+    checkpoint_prefix: str = "",
+    has_validation: bool = False,
+) -> StepPlan:
+    """Resolves a step's settings: step overrides over `job.trainer`, the effective loss, the
+    freeze policy, and the number of optimizer steps from the data size."""
+    trainer = job.trainer
+    loss = effective_loss(job.loss, stage, step)
+    samples_per_worker = num_train_samples // trainer.num_workers  # equal shards drop the remainder
+    batches_per_epoch = math.ceil(samples_per_worker / trainer.micro_batch_size)
+    max_steps, epochs = step_budget(job, step)
+    total_steps = math.floor(epochs * batches_per_epoch) // trainer.grad_accum
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+    label = f"{stage.label}/{step.kind}"
+    if total_steps < 1:
+        raise ValueError(
+            f"step {label} has no optimizer step: {num_train_samples} samples over {trainer.num_workers} workers, "
+            f"micro-batch {trainer.micro_batch_size}, grad_accum {trainer.grad_accum}, {epochs} epochs; "
+            "add data, or lower trainer.grad_accum / trainer.micro_batch_size"
+        )
+    learner = job.models[stage.learner]
+    return StepPlan(
+        step_id=step_id or label,
+        label=label,
+        export_uri=export_uri,
+        checkpoint_prefix=checkpoint_prefix,
+        job_name=job.name,
+        stage=stage.label,
+        kind=step.kind,
+        init_model_uri=init_model_uri,
+        trust_remote_code=learner.trust_remote_code,
+        freeze_policy=STEP_FREEZE[step.kind],
+        loss=loss,
+        optimizer=OptimizerPlan(
+            lr=step.lr or trainer.lr[step.kind],
+            weight_decay=trainer.weight_decay,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps_for(total_steps, trainer.warmup_ratio),
+        ),
+        micro_batch_size=trainer.micro_batch_size,
+        grad_accum=trainer.grad_accum,
+        grad_clip=trainer.grad_clip,
+        zero_stage=trainer.zero_stage,
+        bf16=trainer.uses_bf16,
+        num_workers=trainer.num_workers,
+        batches_per_epoch=batches_per_epoch,
+        report_every=trainer.report_every,
+        checkpoint_every=trainer.checkpoint_every,
+        seed=job.seed,
+        teacher_hidden_size=_teacher_hidden_size(job, stage) if loss.weights.feature > 0 else None,
+        has_validation=has_validation,
+    )
+
+
+def default_signal_decoder(job: JobConfig, attention_layers: dict[int, int], spec=None) -> SignalDecoder:
+    """`ckd_ray.teachers.decode_signal` for `spec` (default: the job's whole signal)."""
+    from ckd_ray.teachers.signal import decode_signal
+
+    return partial(decode_signal, spec=spec or job.signal, attention_layers=dict(attention_layers))
+
+
+def run_step(
+    job: JobConfig,
+    stage: StageConfig,
+    step: StepConfig,
+    *,
+    init_model_uri: str,
+    train_dataset,
+    val_dataset=None,
+    output_uri: str,
+    num_train_samples: int | None = None,
+    decode_signal: SignalDecoder | None = None,
+) -> StepResult:
+    """Trains one step on its own worker group: the student goes to `<output_uri>/model`,
+    checkpoints to `<output_uri>/train/step-NNNNNNN`; the same call again resumes. Without
+    `num_train_samples` the step budget sizes the schedule, and only a step without a budget
+    counts `train_dataset`."""
+    if num_train_samples is None:
+        num_train_samples = samples_needed(job, step) or train_dataset.count()
+    plan = plan_step(job, stage, step, init_model_uri=init_model_uri, num_train_samples=num_train_samples,
+                     export_uri=storage.join(output_uri, EXPORT_FOLDER), has_validation=val_dataset is not None)
+    if step.kind not in DISTILLATION_STEPS:
+        decode_signal = None  # PT, FT, SFT: the task loss needs no teacher
+    elif decode_signal is None:
+        decode_signal = default_signal_decoder(job, plan.loss.attention_layers)
+    (result,) = run_steps(job.trainer, [TrainStep(plan, train_dataset, val_dataset, decode_signal)], storage_uri=output_uri)
+    return result
+
+
+@dataclass
+class PreparedStep:
+    """A planned step ready for a worker group: its TrainStep, and what the driver spent on it."""
+
+    planned: object
+    """The cascade's PlannedStep."""
+    train_step: TrainStep
+    teacher_pass: dict
+    driver_phases: dict[str, float] = field(default_factory=dict)
+    """data_planning and teacher_pass seconds, spent on the driver before the group starts."""
+    teacher_uri: str | None = None
+    """The model that taught the step (distillation steps)."""
+
+
+def prepare_step(job: JobConfig, planned, data, *, init_model_uri: str, teacher_uri: str | None, vocab_learner_uri: str,
+                 export_uri: str, checkpoint_prefix: str, log, signal_planned=None, trained=None, trainer_job=None,
+                 with_validation: bool = True, val_dataset=None) -> PreparedStep:
+    """Builds a step's datasets (from `planned`: sources, curriculum, sample budget) and attaches
+    its teacher signal (a cache hit, or one pool pass; with the cache off, the pool streams into
+    training), then resolves its StepPlan. Tune varies the parts separately:
+    `signal_planned` is the step whose active terms choose the signal (every searched term),
+    `trained` the step whose loss and budget the worker group trains with (a trial's values), under
+    `trainer_job`'s trainer settings; each defaults to `planned` / `job`. `vocab_learner_uri`: an
+    existing folder of the learner, for the tokenizer check (the learner's `init_model_uri` may
+    be a model the group has yet to train)."""
+    from ckd_ray.cascade.signal import attach_teacher_signal
+
+    started = time.perf_counter()
+    train_dataset, num_rows = data.train(planned)
+    if with_validation and val_dataset is None:
+        val_dataset = data.validation(planned)
+    phases = {"data_planning": time.perf_counter() - started}
+    teacher_pass, decoder = {}, None
+    if planned.distills:
+        started = time.perf_counter()
+        train_dataset, spec, teacher_pass = attach_teacher_signal(
+            job, signal_planned or planned, teacher_uri, vocab_learner_uri, train_dataset, data, log
+        )
+        phases["teacher_pass"] = time.perf_counter() - started
+        decoder = default_signal_decoder(job, (trained or planned).loss.attention_layers, spec)
+        num_rows = teacher_pass.get("samples", num_rows)
+    trained = trained or planned
+    plan = plan_step(trainer_job or job, trained.stage, trained.step, init_model_uri=init_model_uri, num_train_samples=num_rows,
+                     export_uri=export_uri, step_id=planned.step_id, checkpoint_prefix=checkpoint_prefix,
+                     has_validation=val_dataset is not None)
+    return PreparedStep(planned, TrainStep(plan, train_dataset, val_dataset, decoder), teacher_pass, phases,
+                        teacher_uri if planned.distills else None)
+
+
+def split_segments(plan: list) -> list[list]:
+    """Consecutive planned steps that can share a worker group: a step whose teacher was trained
+    earlier in the same run of steps starts a new one (its teacher pass needs that model first)."""
+    segments: list[list] = []
+    trained: set[str] = set()
+    for planned in plan:
+        if not segments or (planned.teacher is not None and planned.teacher in trained):
+            segments.append([])
+            trained = set()
+        segments[-1].append(planned)
+        trained.add(planned.learner)
+    return segments
+
+
+def _teacher_hidden_size(job: JobConfig, stage: StageConfig) -> int:
+    """Hidden width of the stage's teacher, from its preset or its directory's config.json."""
+    if stage.teacher is None:
+        raise ValueError(f"stage {stage.label} has the feature loss on but no teacher")
+    spec = job.models[stage.teacher]
+    if spec.preset:
+        return PRESETS[spec.preset].text.hidden_size
+    config = json.loads(storage.read_bytes(storage.join(spec.path, "config.json")))
+    return config.get("text_config", config)["hidden_size"]
+
+
+__all__ = ["EXPORT_FOLDER", "RUN_FOLDER", "PreparedStep", "default_signal_decoder", "plan_step", "prepare_step", "run_step",
+           "samples_needed", "split_segments", "step_budget"]

@@ -1,0 +1,93 @@
+"""What a long command shows: its own lines and progress bars on the console; everything the
+libraries print (Ray's worker-group chatter, deprecation notices, DeepSpeed's accelerator notice,
+checkpoint messages) in a log file named at the start and again on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+from ckd_ray import storage
+
+
+def log_path_for(job) -> Path:
+    """`<run folder>/logs/<command>-<time>.log` for a local run folder; a local temp folder for
+    a run on S3 (the file is copied next to the run at the end)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root = Path(storage.parse(job.run_uri).path) if not storage.is_s3(job.run_uri) else Path(tempfile.gettempdir()) / "ckd_ray" / job.name
+    return root / "logs" / f"driver-{stamp}.log"
+
+
+@contextlib.contextmanager
+def console(job, *, verbose: bool = False):
+    """Yields `log(line)`: the line goes to the console (above any progress bar) and to the log.
+    Unless `verbose`, Python-level output of everything else goes only to the log file (start Ray
+    with log_to_driver=False too: worker output then stays in Ray's session logs). On an error the console gets its last line
+    and the log file's path; the exception propagates."""
+    from tqdm import tqdm
+
+    path = log_path_for(job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    terminal = sys.stdout
+    with open(path, "a", buffering=1, encoding="utf-8") as file:
+
+        def log(line: str) -> None:
+            file.write(line + "\n")
+            tqdm.write(line, file=terminal)
+
+        log(f"[ckd-ray] log: {path}")
+        saved = sys.stdout, sys.stderr
+        handler = logging.StreamHandler(file)
+        handler.setLevel(logging.INFO)
+        if not verbose:
+            sys.stdout = sys.stderr = file
+            logging.captureWarnings(True)
+            root = logging.getLogger()
+            root.addHandler(handler)
+            for name in ("ray", "ray.data", "ray.train", "ray.tune", "deepspeed", "transformers"):
+                logger = logging.getLogger(name)
+                logger.handlers = [handler]
+                logger.propagate = False
+            warnings.simplefilter("default")
+        try:
+            yield log
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:
+            traceback.print_exc(file=file)
+            tqdm.write(f"[ckd-ray] failed: {describe_error(err)}", file=terminal)
+            tqdm.write(f"[ckd-ray] the full log: {path}", file=terminal)
+            raise
+        finally:
+            sys.stdout, sys.stderr = saved
+            logging.getLogger().removeHandler(handler)
+            if storage.is_s3(job.run_uri):
+                with contextlib.suppress(Exception):
+                    storage.write_bytes(storage.join(job.run_uri, "logs", path.name), path.read_bytes())
+
+
+
+def describe_error(err: BaseException) -> str:
+    """The innermost cause of an error as one line: Ray wraps a task's or worker's exception
+    (RayTaskError, WorkerGroupError, TrainingFailedError) around the one that says what is wrong."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if isinstance(inner, BaseException):
+            err = inner
+            continue
+        errors = getattr(err, "worker_failures", None) or getattr(err, "errors", None)
+        if isinstance(errors, dict) and errors:
+            err = next(iter(errors.values()))
+            continue
+        break
+    lines = [line for line in str(err).strip().splitlines() if line.strip() and not line.startswith(("To change retry", "Traceback"))]
+    text = next((line for line in reversed(lines) if ": " in line or "Error" in line), lines[-1] if lines else "")
+    return f"{type(err).__name__}: {text[:500]}"
