@@ -162,7 +162,7 @@ def test_signal_cache_hit_starts_no_teacher_and_changed_spec_misses(ray_local, k
 
     def attach(j):
         d = StepData(j, j.run_uri)
-        dataset, spec, info = attach_teacher_signal(j, planned, manifest.roles["teacher"], manifest.roles["student"], d.train(planned), d, log=print)
+        dataset, spec, info = attach_teacher_signal(j, planned, manifest.roles["teacher"], manifest.roles["student"], d.train(planned)[0], d, log=print)
         return dataset, spec, info
 
     _, _, first = attach(job)

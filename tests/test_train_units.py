@@ -94,8 +94,8 @@ def test_batch_is_trimmed_to_its_longest_row():
 
 
 def test_data_position_rolls_over_at_the_end_of_an_epoch():
-    assert next_position(0, 3, batches_per_epoch=6) == (0, 4)
-    assert next_position(0, 5, batches_per_epoch=6) == (1, 0)
+    assert next_position(0, 3, last_in_epoch=False) == (0, 4)
+    assert next_position(0, 5, last_in_epoch=True) == (1, 0)
 
 
 def test_bf16_without_zero_is_a_config_error():

@@ -105,16 +105,19 @@ class StepData:
 
     def validation(self, planned):
         """A fixed slice of the validation split (same sources and curriculum filter), read once
-        per job for each such choice and kept in the object store as numpy columns: every step
-        that validates on it hands the workers the same reference (see `train.loop.validate`)."""
+        per job for each such choice into numpy columns in the object store: every step that
+        validates on it hands the workers the same reference (see `train.loop.validate`). The
+        read runs as a Ray task, so it overlaps whatever the driver does next (a worker group's
+        start); workers wait for it only when they validate."""
         import ray
 
         key = (planned.data_kind, tuple(self._hops(planned) or ()))
         if key not in self._validation:
-            student = self._build(f"{planned.step_id}-val", self._sources(planned, "val"), self._hops(planned))
             from ckd_ray.data.pipeline import stack_columns
 
-            self._validation[key] = ray.put(stack_columns(student.dataset.limit(VALIDATION_SAMPLES)))
+            student = self._build(f"{planned.step_id}-val", self._sources(planned, "val"), self._hops(planned))
+            task = ray.remote(num_cpus=0)(stack_columns)
+            self._validation[key] = task.remote(student.dataset.limit(VALIDATION_SAMPLES))
         return self._validation[key]
 
     def evaluation_rows(self) -> list[dict]:

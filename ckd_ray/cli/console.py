@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -43,10 +44,15 @@ def console(job, *, verbose: bool = False):
 
         log(f"[ckd-ray] log: {path}")
         saved = sys.stdout, sys.stderr
+        saved_fd2 = None
         handler = logging.StreamHandler(file)
         handler.setLevel(logging.INFO)
         if not verbose:
             sys.stdout = sys.stderr = file
+            # Ray's C++ core writes its warnings straight to file descriptor 2: send that to the
+            # log too (the console's lines and bars go to the original stdout).
+            saved_fd2 = os.dup(2)
+            os.dup2(file.fileno(), 2)
             logging.captureWarnings(True)
             root = logging.getLogger()
             root.addHandler(handler)
@@ -66,6 +72,9 @@ def console(job, *, verbose: bool = False):
             raise
         finally:
             sys.stdout, sys.stderr = saved
+            if saved_fd2 is not None:
+                os.dup2(saved_fd2, 2)
+                os.close(saved_fd2)
             logging.getLogger().removeHandler(handler)
             if storage.is_s3(job.run_uri):
                 with contextlib.suppress(Exception):

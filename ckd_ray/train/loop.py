@@ -185,7 +185,7 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
     batches = micro_batches(ray.train.get_dataset_shard(f"train-{index}"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
     first_batch = True
     while state.step < plan.total_steps:
-        epoch, index_in_epoch, batch, waited_s = next(batches)
+        epoch, index_in_epoch, batch, waited_s, last_in_epoch = next(batches)
         phases.add("first_batch_wait" if first_batch else "data_wait", waited_s)
         first_batch = False
         started = time.perf_counter()
@@ -196,7 +196,7 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
         busy_s = time.perf_counter() - started
         phases.add("training", busy_s)
         window.add(terms, batch, busy_s=busy_s, waited_s=waited_s)
-        state.epoch, state.batches_in_epoch = next_position(epoch, index_in_epoch, plan.batches_per_epoch)
+        state.epoch, state.batches_in_epoch = next_position(epoch, index_in_epoch, last_in_epoch=last_in_epoch)
         if not at_boundary:
             continue
         state.step += 1
@@ -292,30 +292,37 @@ def build_student(plan: StepPlan, device: torch.device, checkpoint_dir: Path | N
     return engine
 
 
-def micro_batches(shard, batch_size: int, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict, float]]:
-    """(epoch, index in the epoch, batch, seconds spent waiting for it), epoch after epoch, from a
-    data position on: the first `skip` micro-batches of `start_epoch` are read and dropped (they
-    were trained on before the checkpoint). Shards are deterministic (ordered ingest, no
-    locality-based assignment), so the dropped batches are exactly the ones trained on."""
+def micro_batches(shard, batch_size: int, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict, float, bool]]:
+    """(epoch, index in the epoch, batch, seconds spent waiting for it, whether it is the epoch's
+    last), epoch after epoch, from a data position on: the first `skip` micro-batches of
+    `start_epoch` are read and dropped (they were trained on before the checkpoint). Shards are
+    deterministic (ordered ingest, no locality-based assignment), so the dropped batches are
+    exactly the ones trained on. Each batch is yielded once the next one is in hand, so the end
+    of an epoch is known from the data itself, not from an estimate of its length."""
     epoch = start_epoch
     while True:
-        num_batches = 0
         wait_started = time.perf_counter()
-        for index, batch in enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False)):
-            num_batches += 1
-            if epoch == start_epoch and index < skip:
-                continue
-            yield epoch, index, batch, time.perf_counter() - wait_started
-            wait_started = time.perf_counter()
-        if num_batches == 0:
+        batches = enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False))
+        current = next(batches, None)
+        if current is None:
             raise RuntimeError("this worker's data shard is empty: the step has fewer samples than workers")
+        waited = time.perf_counter() - wait_started
+        while current is not None:
+            wait_started = time.perf_counter()
+            following = next(batches, None)
+            waited += time.perf_counter() - wait_started
+            index, batch = current
+            if not (epoch == start_epoch and index < skip):
+                yield epoch, index, batch, waited, following is None
+                waited = 0.0
+            current = following
         epoch += 1
 
 
-def next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, int]:
+def next_position(epoch: int, index: int, *, last_in_epoch: bool) -> tuple[int, int]:
     """The data position after training on micro-batch `index` of `epoch`; a finished epoch
     rolls over, so a resume does not read a whole epoch only to drop it."""
-    if index + 1 >= batches_per_epoch:
+    if last_in_epoch:
         return epoch + 1, 0
     return epoch, index + 1
 

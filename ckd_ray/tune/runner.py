@@ -171,7 +171,7 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
             )
             outcome.count(teacher_pass)
         # Preprocessed once here, not once per trial.
-        val_datasets[planned.step_id] = data.validation(planned).materialize()
+        val_datasets[planned.step_id] = data.validation(planned)
         data.check_rejects(planned)
 
     searches_uri = storage.join(tune_uri, "searches")

@@ -85,6 +85,7 @@ def run_trial(values: dict, *, job: JobConfig, runs: list[PlannedStep], roles: d
     prepared, offsets, stage_numbers = [], {}, {}
     cache_hits = teacher_passes = steps_before = 0
     for n, planned in enumerate(runs):
+        last = n == len(runs) - 1
         tuned = trial_step(planned, stage_values(values, planned.stage_index), job.loss)
         tuned = replace(tuned, step=tuned.step.model_copy(update={"max_steps": settings.max_steps_per_trial}))
         export_uri = storage.join(trial_uri, planned.step_id, EXPORT_FOLDER)
@@ -92,10 +93,8 @@ def run_trial(values: dict, *, job: JobConfig, runs: list[PlannedStep], roles: d
             job, planned, data, init_model_uri=learners[planned.learner], teacher_uri=roles[planned.teacher],
             vocab_learner_uri=roles[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{planned.step_id}/",
             log=print, signal_planned=signal_step(planned, searched_terms[planned.stage_index]), trained=tuned,
-            trainer_job=trial_job, with_validation=n == len(runs) - 1, val_dataset=val_datasets.get(planned.step_id),
+            trainer_job=trial_job, with_validation=last, val_dataset=val_datasets[planned.step_id] if last else None,
         )
-        if n < len(runs) - 1:
-            step.train_step.val_dataset = None
         hit = step.teacher_pass.get("source") == "cache hit"
         cache_hits, teacher_passes = cache_hits + hit, teacher_passes + (not hit)
         offsets[planned.step_id], stage_numbers[planned.step_id] = steps_before, planned.stage_index + 1
