@@ -103,7 +103,11 @@ def test_a_failing_trial_is_reported_and_the_search_goes_on(ray_local, kvqa_dir,
     manifest = Manifest.open(tune_uri, job)
     _initial_checkpoints(job, manifest, data.processor_uri, tune_uri, print)
     roles = {**manifest.roles, "student": str(tmp_path / "missing-student")}
-    outcome = _search(job, plan_searches(job)[0], roles, data, tune_uri, print)
+    lines = []
+    outcome = _search(job, plan_searches(job)[0], roles, data, tune_uri, lines.append)
     assert [row["status"] for row in outcome.rows] == ["failed", "failed"]
     assert all(row["error"] for row in outcome.rows)
     assert outcome.best_values is None
+    # The console's line for the first failure names the cause, not only that a trial failed.
+    (first,) = [line for line in lines if " failed: " in line][:1]
+    assert "missing-student" in first, lines

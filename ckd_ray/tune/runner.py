@@ -179,6 +179,7 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
     storage_path, storage_filesystem = _tune_storage(searches_uri)
     trainable = tune.with_parameters(run_trial, job=job, runs=runs, roles=dict(roles), val_datasets=val_datasets,
                                      searched_terms=searched_terms, search_uri=search_uri)
+    progress = TrialProgress(search.name, settings.metric, log, fail_after=min(3, settings.num_samples))
     tuner = tune.Tuner(
         trainable,
         param_space={key: _sampler(dim) for key, dim in search.dims.items()},
@@ -201,8 +202,8 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
             storage_filesystem=storage_filesystem,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),  # a failing trial is a result, not the end
             verbose=0,
-            callbacks=[TrialProgress(search.name, settings.metric, log),
-                       ReleaseStoppedTrialRuns(search_uri)],
+            callbacks=[progress, ReleaseStoppedTrialRuns(search_uri)],
+            stop=progress,
         ),
     )
     log(f"[tune] {search.name}: searching {', '.join(search.dims)} over {len(runs)} step(s), {settings.num_samples} trials")
@@ -327,11 +328,14 @@ def _tune_storage(uri: str):
     return str(Path(storage.parse(uri).path).resolve()), None
 
 
-class TrialProgress(tune.Callback):
-    """One line per trial result on the driver (Tune's own table is turned off)."""
+class TrialProgress(tune.Callback, tune.Stopper):
+    """One line per trial result on the driver (Tune's own table is turned off); the first
+    failure says why. As the search's stopper it ends a search whose first `fail_after` trials
+    all failed before any trial reported."""
 
-    def __init__(self, search_name: str, metric: str, log):
+    def __init__(self, search_name: str, metric: str, log, fail_after: int = 3):
         self.search_name, self.metric, self.log = search_name, metric, log
+        self.fail_after, self.failed, self.finished = fail_after, 0, False
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         line = f"[tune {self.search_name}] {trial.trial_id} step {result[TRIAL_STEP]}: train task loss {result[TRAIN_TASK_LOSS]:.4f}"
@@ -345,4 +349,32 @@ class TrialProgress(tune.Callback):
         self.log(f"[tune {self.search_name}] {trial.trial_id} {ending}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.log(f"[tune {self.search_name}] {trial.trial_id} failed (the search goes on)")
+        self.failed += 1
+        reason = trial_error_line(trial)
+        if self.failed == 1 or not self.finished:
+            self.log(f"[tune {self.search_name}] {trial.trial_id} failed: {reason}")
+        else:
+            self.log(f"[tune {self.search_name}] {trial.trial_id} failed (the search goes on)")
+
+    # Stopper: a search whose first trials all fail would fail the same way for every trial.
+    def __call__(self, trial_id, result) -> bool:
+        self.finished = True  # a trial reported: the setup works
+        return False
+
+    def stop_all(self) -> bool:
+        if not self.finished and self.failed >= self.fail_after:
+            self.log(f"[tune {self.search_name}] the first {self.failed} trials all failed: stopping the search "
+                     "(the first failure above says what to fix)")
+            return True
+        return False
+
+
+def trial_error_line(trial) -> str:
+    """The innermost error of a failed trial, as one line."""
+    from ckd_ray.errors import describe_error
+
+    try:
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an error that does not unpickle here
+        error = None
+    return describe_error(error) if error is not None else "see the trial's error.txt"
