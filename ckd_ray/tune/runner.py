@@ -336,6 +336,8 @@ class TrialProgress(tune.Callback, tune.Stopper):
     def __init__(self, search_name: str, metric: str, log, fail_after: int = 3):
         self.search_name, self.metric, self.log = search_name, metric, log
         self.fail_after, self.failed, self.finished = fail_after, 0, False
+        self.unreported, self.unreported_since, self.reasons_shown, self.stopping = [], {}, 0, False
+        self.iteration = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         line = f"[tune {self.search_name}] {trial.trial_id} step {result[TRIAL_STEP]}: train task loss {result[TRAIN_TASK_LOSS]:.4f}"
@@ -349,12 +351,25 @@ class TrialProgress(tune.Callback, tune.Stopper):
         self.log(f"[tune {self.search_name}] {trial.trial_id} {ending}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        # Tune stores the trial's error after this call: the line is written at the next step.
         self.failed += 1
-        reason = trial_error_line(trial)
-        if self.failed == 1 or not self.finished:
-            self.log(f"[tune {self.search_name}] {trial.trial_id} failed: {reason}")
-        else:
-            self.log(f"[tune {self.search_name}] {trial.trial_id} failed (the search goes on)")
+        self.unreported.append(trial)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self.iteration = max(self.iteration, iteration) if iteration < 10**9 else self.iteration
+        for trial in list(self.unreported):
+            reason = trial_error_line(trial)
+            if reason is None and iteration - self.unreported_since.setdefault(trial.trial_id, iteration) < 50:
+                continue
+            self.unreported.remove(trial)
+            if self.reasons_shown == 0 or not self.finished:
+                self.log(f"[tune {self.search_name}] {trial.trial_id} failed: {reason or 'see the trial folder for error.txt'}")
+                self.reasons_shown += 1
+            else:
+                self.log(f"[tune {self.search_name}] {trial.trial_id} failed (the search goes on)")
+
+    def on_experiment_end(self, trials, **info):
+        self.on_step_begin(10**9, trials)
 
     # Stopper: a search whose first trials all fail would fail the same way for every trial.
     def __call__(self, trial_id, result) -> bool:
@@ -363,13 +378,18 @@ class TrialProgress(tune.Callback, tune.Stopper):
 
     def stop_all(self) -> bool:
         if not self.finished and self.failed >= self.fail_after:
-            self.log(f"[tune {self.search_name}] the first {self.failed} trials all failed: stopping the search "
-                     "(the first failure above says what to fix)")
+            self.on_step_begin(self.iteration, [])  # their reasons first, once Tune has stored them
+            if self.unreported:
+                return False
+            if not self.stopping:
+                self.log(f"[tune {self.search_name}] stopping the search: its first {self.failed} trials all failed "
+                         "(the first failure above says what to fix)")
+            self.stopping = True
             return True
         return False
 
 
-def trial_error_line(trial) -> str:
+def trial_error_line(trial) -> str | None:
     """The innermost error of a failed trial, as one line."""
     from ckd_ray.errors import describe_error
 
@@ -377,4 +397,4 @@ def trial_error_line(trial) -> str:
         error = trial.get_pickled_error() or trial.get_error()
     except Exception:  # an error that does not unpickle here
         error = None
-    return describe_error(error) if error is not None else "see the trial's error.txt"
+    return describe_error(error) if error is not None else None
