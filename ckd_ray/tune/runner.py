@@ -39,6 +39,7 @@ from ckd_ray.tune.checks import check_tune
 from ckd_ray.tune.space import Search, plan_searches, signal_step, split_key, with_values
 from ckd_ray.tune.trial import (
     CACHE_HITS,
+    OPTIMIZER_SECONDS,
     TEACHER_PASSES,
     TRAIN_TASK_LOSS,
     TRIAL_STEP,
@@ -287,6 +288,7 @@ def _row(search: Search, number: int, result, metric: str) -> dict:
         CACHE_HITS: metrics.get(CACHE_HITS),
         TEACHER_PASSES: metrics.get(TEACHER_PASSES),
         "seconds": float(metrics.get("time_total_s", math.nan)),
+        OPTIMIZER_SECONDS: float(metrics.get(OPTIMIZER_SECONDS, math.nan)),
         "error": _first_line(result.error) if result.error is not None else "",
     }
 

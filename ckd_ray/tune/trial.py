@@ -33,6 +33,8 @@ TRIAL_STEP = "trial_step"
 TRAIN_TASK_LOSS = "train_task_loss"
 """ASHA's metric: mean task loss of the training batches since the previous report."""
 VALIDATED = "validated"
+OPTIMIZER_SECONDS = "optimizer_s"
+"""Seconds the trial spent in optimizer steps (its wall time minus this is its overhead)."""
 CACHE_HITS = "signal_cache_hits"
 TEACHER_PASSES = "signal_teacher_passes"
 PLACEMENT_GROUP_FILE = "placement_group.txt"
@@ -48,10 +50,15 @@ class TrialReportCallback(TuneReportCallback):
         super().__init__()
         self.offsets, self.stage_numbers, self.last_step_id = offsets, stage_numbers, last_step_id
         self.signal = {CACHE_HITS: cache_hits, TEACHER_PASSES: teacher_passes}
+        self.optimizer_s, self.last_step = 0.0, {}
 
     def after_report(self, run_context, metrics, checkpoint):
         report = metrics[0]
         step_id = report["step_id"]
+        if "step_time_s" in report:  # seconds in optimizer steps so far (the trial's compute)
+            steps = int(report["step"]) - self.last_step.get(step_id, 0)
+            self.optimizer_s += float(report["step_time_s"]) * steps
+            self.last_step[step_id] = int(report["step"])
         validated = step_id == self.last_step_id and "val_loss" in report
         result = {
             TRIAL_STEP: self.offsets[step_id] + int(report["step"]),
@@ -61,6 +68,7 @@ class TrialReportCallback(TuneReportCallback):
             "val_loss": float(report["val_loss"]) if validated else math.nan,
             "val_accuracy": float(report["val_accuracy"]) if validated else math.nan,
             VALIDATED: validated,
+            OPTIMIZER_SECONDS: self.optimizer_s,
             **self.signal,
         }
         super().after_report(run_context, [result], checkpoint)
