@@ -83,3 +83,21 @@ def test_cascade_job_submitted_to_a_real_head(ray_head, kvqa_dir, tmp_path):
     manifest = json.loads((runs / "submitted" / "manifest.json").read_text())
     assert [entry["status"] for entry in manifest["steps"].values()] == ["done"]
     assert Path(manifest["roles"]["student"], "model.safetensors").exists()
+
+
+LOCAL_NEXT_TO_HEAD = r"""
+import ray
+from ckd_ray.cascade.runner import connect_ray
+from ckd_ray.config.job import RayConfig
+connect_ray(RayConfig(num_cpus=3))
+print("CPUS", ray.cluster_resources().get("CPU"))
+"""
+
+
+def test_local_run_next_to_a_running_head_starts_its_own_ray(ray_head):
+    """After `ray start --head` (as the README's job-submit section does), a local run neither
+    dies on `num_cpus` nor joins that head: it starts its own local Ray, sized by its config."""
+    _, env = ray_head
+    completed = subprocess.run([sys.executable, "-c", LOCAL_NEXT_TO_HEAD], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "CPUS 3.0" in completed.stdout  # the head has 8

@@ -44,8 +44,10 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, log_to_driver: bool = True) -> None:
     """Joins the cluster named by the config or RAY_ADDRESS (set inside `ray job submit`), or
-    starts a local Ray sized by `ray.num_cpus`. `log_to_driver=False` keeps worker output in
-    Ray's session logs instead of echoing it on the driver."""
+    starts a new local Ray sized by `ray.num_cpus`: a new one even when a `ray start` cluster
+    runs on this machine (or a dead one left its address file behind), so a laptop run never
+    joins, or waits for, a cluster it did not ask for (`ray.address: auto` joins that one).
+    `log_to_driver=False` keeps worker output in Ray's session logs instead of echoing it."""
     import ray
 
     if ray.is_initialized():
@@ -54,7 +56,8 @@ def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, 
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
-    kwargs = {"num_cpus": settings.num_cpus, "runtime_env": {"env_vars": TRAIN_ENV}, "log_to_driver": log_to_driver}
+    kwargs = {"address": "local", "num_cpus": settings.num_cpus, "runtime_env": {"env_vars": TRAIN_ENV},
+              "log_to_driver": log_to_driver}
     if settings.object_store_memory_mb:
         kwargs["object_store_memory"] = settings.object_store_memory_mb * 2**20
     if metrics_export_port:
