@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -64,14 +64,15 @@ class StageConfig(Section):
         return self.name or (f"{self.teacher}->{self.learner}" if self.teacher else f"{self.learner}-alone")
 
 
-PLAN_NAMES = ("bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end")
+PlanName = Literal["bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end"]
+PLAN_NAMES = get_args(PlanName)
 
 
 class CascadeConfig(Section):
     """The plan of a job: teacher preparation, then the stages in order. Either name a `plan`
     (expanded into stages with the roles `student`, `ta`, `teacher`) or list `stages`."""
 
-    plan: Literal["bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end"] | None = None
+    plan: PlanName | None = None
     """A named plan: bottom_up (LLaVA-CKD: TA->S, then T->S), single_teacher (LLaVA-KD: T->S),
     top_down (T->TA, then TA->S), student_only (TinyLLaVA: PT, FT), progressive (seed 000: T->S
     over hop levels 0, <=1, all), end_to_end (seed 000's baseline: T->S on all levels at once)."""

@@ -22,7 +22,7 @@ from ckd_ray.config.job import JobConfig
 from ckd_ray.models.presets import PRESETS
 from ckd_ray.train.engine import OptimizerPlan, warmup_steps_for
 from ckd_ray.train.loop import SignalDecoder, StepPlan
-from ckd_ray.train.run import RUN_FOLDER, StepResult, TrainStep, run_steps
+from ckd_ray.train.run import StepResult, TrainStep, run_steps
 
 EXPORT_FOLDER = "model"
 
@@ -218,5 +218,5 @@ def _teacher_hidden_size(job: JobConfig, stage: StageConfig) -> int:
     return config.get("text_config", config)["hidden_size"]
 
 
-__all__ = ["EXPORT_FOLDER", "RUN_FOLDER", "PreparedStep", "default_signal_decoder", "plan_step", "prepare_step", "run_step",
+__all__ = ["EXPORT_FOLDER", "PreparedStep", "default_signal_decoder", "plan_step", "prepare_step", "run_step",
            "samples_needed", "split_segments", "step_budget"]

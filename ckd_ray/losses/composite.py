@@ -23,8 +23,9 @@ from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KLDirection, kl_loss_topk
 from ckd_ray.losses.knowledge import fact_log_probs, knowledge_loss, soften_fact_log_probs
 from ckd_ray.losses.relation import visual_relation_loss
 from ckd_ray.losses.task import task_loss
+from ckd_ray.losses.terms import TERM_NAMES
 
-TERM_NAMES = ("task", "output", "visual_kl", "visual_relation", "feature", "knowledge", "attention")
+
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -8,7 +8,7 @@ from pydantic import AliasChoices, Field
 
 from ckd_ray.config.base import Section
 
-LOSS_TERMS = ("task", "output", "visual_kl", "visual_relation", "feature", "knowledge", "attention")
+from ckd_ray.losses.terms import TERM_NAMES as LOSS_TERMS
 # Seed 000's names for its multi-level loss L = a*task + b*output + c*feature + d*knowledge + e*attention.
 GREEK_ALIASES = {"alpha": "task", "beta": "output", "gamma": "feature", "delta": "knowledge", "epsilon": "attention"}
 

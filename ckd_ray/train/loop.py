@@ -70,7 +70,8 @@ class StepPlan:
     bf16: bool
     num_workers: int
     batches_per_epoch: int
-    """Micro-batches in each worker's shard of one epoch."""
+    """Micro-batches in each worker's shard of one epoch, as planned (it sizes the lr schedule;
+    the data position follows the shard itself, see `micro_batches`)."""
     report_every: int
     checkpoint_every: int
     seed: int
