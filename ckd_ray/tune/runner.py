@@ -341,6 +341,15 @@ class TrialProgress(tune.Callback, tune.Stopper):
         self.unreported, self.unreported_since, self.reasons_shown, self.stopping = [], {}, 0, False
         self.iteration = 0
 
+    def __getstate__(self):
+        # Tune pickles its callbacks and stopper into the experiment state; the console's log
+        # function holds an open file, and a restored search logs with print.
+        return {**self.__dict__, "log": None, "unreported": []}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.log = self.log or print
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         line = f"[tune {self.search_name}] {trial.trial_id} step {result[TRIAL_STEP]}: train task loss {result[TRAIN_TASK_LOSS]:.4f}"
         if result.get(VALIDATED):
