@@ -19,7 +19,7 @@ from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
-from ckd_ray.cascade.steps import EXPORT_FOLDER, prepare_step, split_segments
+from ckd_ray.cascade.steps import prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig, RayConfig
 from ckd_ray.evaluate import evaluate_model, knowledge_preservation
 from ckd_ray.train.run import RUN_FOLDER
@@ -122,17 +122,8 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     run_uri = job.run_uri
     # Named after the segment's first step, pending or not: a resubmission finds the same folder.
     segment_name = f"{RUN_FOLDER}/{segment[0].step_id}"
-    roles = dict(manifest.roles)  # each learner's model as the segment will have it when its step starts
-    prepared = {}
-    for planned in pending:
-        export_uri = storage.join(run_uri, "steps", planned.step_id, EXPORT_FOLDER)
-        prepared[planned.step_id] = prepare_step(
-            job, planned, data, init_model_uri=roles[planned.learner],
-            teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
-            vocab_learner_uri=manifest.roles[planned.learner], export_uri=export_uri,
-            checkpoint_prefix=f"{planned.step_id}/", log=log,
-        )
-        roles[planned.learner] = export_uri
+    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log)
+    prepared = {planned.step_id: step for planned, step in zip(pending, steps)}
     by_id = {planned.step_id: planned for planned in pending}
     clock = {"last": None}
     bars = {}

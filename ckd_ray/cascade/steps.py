@@ -193,6 +193,25 @@ def prepare_step(job: JobConfig, planned, data, *, init_model_uri: str, teacher_
                         teacher_uri if planned.distills else None)
 
 
+def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], *, output_uri: str, log,
+                    suffix: str = "") -> list[PreparedStep]:
+    """Prepares a segment's steps in order. Each step starts from `roles[learner]` and moves it
+    to its own export, `<output_uri>/steps/<step_id><suffix>/model`, so the next step of the
+    learner starts from a model the group has yet to train (`roles` is updated in place)."""
+    existing = dict(roles)
+    prepared = []
+    for planned in segment:
+        record_id = f"{planned.step_id}{suffix}"
+        export_uri = storage.join(output_uri, "steps", record_id, EXPORT_FOLDER)
+        prepared.append(prepare_step(
+            job, planned, data, init_model_uri=roles[planned.learner],
+            teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
+            vocab_learner_uri=existing[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{record_id}/", log=log,
+        ))
+        roles[planned.learner] = export_uri
+    return prepared
+
+
 def split_segments(plan: list) -> list[list]:
     """Consecutive planned steps that can share a worker group: a step whose teacher was trained
     earlier in the same run of steps starts a new one (its teacher pass needs that model first)."""
@@ -218,5 +237,5 @@ def _teacher_hidden_size(job: JobConfig, stage: StageConfig) -> int:
     return config.get("text_config", config)["hidden_size"]
 
 
-__all__ = ["EXPORT_FOLDER", "PreparedStep", "default_signal_decoder", "plan_step", "prepare_step", "run_step",
+__all__ = ["EXPORT_FOLDER", "PreparedStep", "default_signal_decoder", "plan_step", "prepare_segment", "prepare_step", "run_step",
            "samples_needed", "split_segments", "step_budget"]

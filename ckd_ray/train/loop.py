@@ -116,9 +116,10 @@ def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: Lo
 
 def train_worker(config: dict) -> None:
     """Ray Train entry point: trains `config["steps"]`, a list of (StepPlan, SignalDecoder | None),
-    one after the other on this worker group, each from its own initial model and on its own
-    dataset shards ("train-<i>", "val-<i>"). The group, its process group and the imported
-    libraries stay up across the steps; only the model and the DeepSpeed engine are rebuilt.
+    one after the other on this worker group, each from its own initial model, on its own dataset
+    shard ("train-<i>") and validation rows (`config["validation"][i]`, an ObjectRef or None).
+    The group, its process group and the imported libraries stay up across the steps; only the
+    model and the DeepSpeed engine are rebuilt.
 
     After a restart (or in a resubmitted run) the latest checkpoint names the step it belongs
     to: earlier steps are done (their exports exist) and are skipped, that step resumes from its
@@ -175,10 +176,10 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
     if state.step >= plan.total_steps and checkpoint is not None:
         emit("done", {"skipped": True})  # finished before a restart: its export was written before its final report
         return
-    emit("started", {"total_steps": plan.total_steps, "resumed_from": state.step, "engine_init_s": phases.seconds["engine_init"]})
+    emit("started", {"resumed_from": state.step, "engine_init_s": phases.seconds["engine_init"]})
     pixel_dtype = torch.bfloat16 if plan.bf16 else torch.float32
     student_metrics = StudentMetrics(plan.job_name, plan.stage, plan.kind, worker=str(rank))
-    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), rank, student_metrics, phases, emit)
+    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), rank, student_metrics, phases)
     gpu_sampler = GpuSampler(role="student", job=plan.job_name).start()
 
     engine.train()
@@ -215,7 +216,7 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
             metrics.update(validate(engine, ray.get(validation_rows), plan, device, pixel_dtype))
     report(state, metrics, checkpoint=True, final=True)
     gpu_sampler.stop()
-    emit("done", {"history": state.history, "phases": phases.seconds, "num_steps": state.step, "resumed_from": state.resumed_from})
+    emit("done", {})  # the driver reads the step's summary next to its export
 
 
 class Phases:
@@ -335,9 +336,9 @@ class Reporter:
     `plan.export_uri` (so a finished checkpoint always has its export). Rank 0 writes one
     progress line per report to its log."""
 
-    def __init__(self, engine, plan: StepPlan, processor_dir, rank: int, student_metrics: StudentMetrics, phases, emit):
+    def __init__(self, engine, plan: StepPlan, processor_dir, rank: int, student_metrics: StudentMetrics, phases: "Phases"):
         self.engine, self.plan, self.processor_dir, self.rank = engine, plan, processor_dir, rank
-        self.student_metrics, self.phases, self.emit = student_metrics, phases, emit
+        self.student_metrics, self.phases = student_metrics, phases
 
     def __call__(self, state: TrainState, metrics: dict, *, checkpoint: bool, final: bool = False) -> None:
         started = time.perf_counter()

@@ -112,7 +112,7 @@ def run_steps(
     runner = threading.Thread(target=fit, name="ckd-train-fit", daemon=True)
     runner.start()
     if on_event:
-        on_event("group_started", "", {"seconds": 0.0})
+        on_event("group_started", "", {})
         first_event = True
         while runner.is_alive() or not events.empty():
             try:

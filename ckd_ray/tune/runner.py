@@ -32,7 +32,7 @@ from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
 from ckd_ray.cascade.runner import CascadeResult, _initial_checkpoints, connect_ray, quiet_data_progress
 from ckd_ray.cascade.signal import attach_teacher_signal
-from ckd_ray.cascade.steps import EXPORT_FOLDER, prepare_step, split_segments
+from ckd_ray.cascade.steps import prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig
 from ckd_ray.config.loader import ConfigError, validate_config
 from ckd_ray.tune.checks import check_tune
@@ -242,18 +242,9 @@ def _run_full_steps(job: JobConfig, planned_steps: list[PlannedStep], roles: dic
             pending.append(planned)
     teacher_passes = []
     for segment in split_segments(pending):
-        existing = dict(roles)
-        prepared = []
         for planned in segment:
-            record_id = f"{planned.step_id}{suffix}"
-            log(f"[tune] {record_id}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind} in full")
-            export_uri = storage.join(tune_uri, "steps", record_id, EXPORT_FOLDER)
-            prepared.append(prepare_step(
-                job, planned, data, init_model_uri=roles[planned.learner],
-                teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
-                vocab_learner_uri=existing[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{record_id}/", log=log,
-            ))
-            roles[planned.learner] = export_uri
+            log(f"[tune] {planned.step_id}{suffix}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind} in full")
+        prepared = prepare_segment(job, segment, data, roles, output_uri=tune_uri, log=log, suffix=suffix)
         name = f"train/{segment[0].step_id}{suffix}"
         results = run_steps(job.trainer, [step.train_step for step in prepared], storage_uri=tune_uri, name=name)
         for planned, step, result in zip(segment, prepared, results):
