@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from ckd_ray.cascade.config import STEP_FREEZE, StageConfig, StepConfig
 from ckd_ray.config.loader import validate_config
 from ckd_ray.models import FREEZE_POLICIES, build_preset, save_model
-from ckd_ray.cascade.steps import default_signal_decoder, run_step
+from ckd_ray.cascade.steps import default_signal_decoder, plan_step, run_step, samples_needed
+from ckd_ray.train.run import TrainStep, run_steps
 from ckd_ray.train.config import DEFAULT_LR
 
 # Worker processes cannot import this test module: ship its classes by value.
@@ -136,24 +137,37 @@ def init_model_dir(kvqa_dir, tmp_path_factory):
     return save_model(build_preset("tiny-student", seed=0), tmp_path_factory.mktemp("init") / "student", kvqa_dir / "processor")
 
 
+STEP_KINDS = ["PT", "FT", "DPT", "SFT", "DFT"]
+
+
 @pytest.fixture(scope="module")
 def trained(kvqa_dir, benchmark_rows, init_model_dir, tmp_path_factory):
-    """`trained(kind)`: the StepResult of an uninterrupted run of that step type (run once)."""
+    """`trained(kind)`: the StepResult of an uninterrupted run of that step type. The five step
+    types train once, one after the other on one worker group (as a cascade's steps do), each
+    from the same initial student; the kill and resume tests compare their own single-step runs
+    with these bit for bit."""
     results = {}
 
     def train(kind: str):
-        if kind not in results:
-            data = benchmark_rows["caption" if kind in ("PT", "DPT") else "instruct"]
-            results[kind] = run_step(
-                make_job(kvqa_dir), stage_for(kind), StepConfig(kind=kind), init_model_uri=str(init_model_dir),
-                train_dataset=data, val_dataset=benchmark_rows["val"], output_uri=str(tmp_path_factory.mktemp(kind)),
-            )
+        if not results:
+            job = make_job(kvqa_dir)
+            root = str(tmp_path_factory.mktemp("steps"))
+            steps = []
+            for name in STEP_KINDS:
+                data = benchmark_rows["caption" if name in ("PT", "DPT") else "instruct"]
+                step = StepConfig(kind=name)
+                plan = plan_step(job, stage_for(name), step, init_model_uri=str(init_model_dir),
+                                 num_train_samples=samples_needed(job, step), export_uri=os.path.join(root, name, "model"),
+                                 step_id=name, checkpoint_prefix=f"{name}/", has_validation=True)
+                decode = default_signal_decoder(job, plan.loss.attention_layers) if name in ("DPT", "DFT") else None
+                steps.append(TrainStep(plan, data, benchmark_rows["val"], decode))
+            results.update(zip(STEP_KINDS, run_steps(job.trainer, steps, storage_uri=root)))
         return results[kind]
 
     return train
 
 
-@pytest.mark.parametrize("kind", ["PT", "FT", "DPT", "SFT", "DFT"])
+@pytest.mark.parametrize("kind", STEP_KINDS)
 def test_step_trains_what_its_policy_unfreezes_and_the_loss_falls(kind, trained, init_model_dir):
     result = trained(kind)
     history = result.history

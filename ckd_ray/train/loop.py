@@ -41,6 +41,31 @@ from ckd_ray.train.engine import OptimizerPlan, StudentWithProjection, build_eng
 SignalDecoder = Callable[..., TeacherSignalBatch]
 
 
+@dataclass
+class WorkerSession:
+    """What the worker loop asks of the runtime it runs in: Ray Train's worker context
+    (`ray_train_session`), or this process alone for a one-worker run inside a Tune trial
+    (Ray refuses `ray.train.*` calls in a Tune trial; see `ckd_ray.train.run`)."""
+
+    rank: int
+    device: torch.device
+    checkpoint: object
+    """The checkpoint to resume from (a `ray.train.Checkpoint`), or None."""
+    dataset_shard: Callable[[str], object]
+    """This worker's part of a named dataset: something with `iter_batches`."""
+    report: Callable[..., None]
+    """report(metrics, checkpoint_dir or None, checkpoint_dir_name or None); called alike by every worker."""
+
+
+def ray_train_session() -> WorkerSession:
+    def report(metrics: dict, directory: str | None = None, dir_name: str | None = None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+
+    return WorkerSession(rank=ray.train.get_context().get_world_rank(), device=ray.train.torch.get_device(),
+                         checkpoint=ray.train.get_checkpoint(), dataset_shard=ray.train.get_dataset_shard, report=report)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Everything a worker needs to run one training step, resolved on the driver."""
@@ -114,7 +139,7 @@ def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: Lo
     return terms
 
 
-def train_worker(config: dict) -> None:
+def train_worker(config: dict, session: WorkerSession | None = None) -> None:
     """Ray Train entry point: trains `config["steps"]`, a list of (StepPlan, SignalDecoder | None),
     one after the other on this worker group, each from its own initial model, on its own dataset
     shard ("train-<i>") and validation rows (`config["validation"][i]`, an ObjectRef or None).
@@ -124,37 +149,39 @@ def train_worker(config: dict) -> None:
     After a restart (or in a resubmitted run) the latest checkpoint names the step it belongs
     to: earlier steps are done (their exports exist) and are skipped, that step resumes from its
     data position, a finished one is not trained again. `config["events"]` (a Ray queue, or
-    None) receives rank 0's progress: ("started" | "progress" | "done", step_id, payload)."""
+    None) receives rank 0's progress: ("started" | "progress" | "done", step_id, payload);
+    `config["on_report"]` (a callable, or None) is called on rank 0 with each report's metrics,
+    after `ray.train.report` (an in-process run has no trainer callbacks to see them)."""
+    session = session or ray_train_session()
     steps: list[tuple[StepPlan, SignalDecoder | None]] = config["steps"]
     events = config.get("events")
-    rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
+    rank, device = session.rank, session.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume_state = read_state(directory)
     step_ids = [plan.step_id for plan, _ in steps]
     first = step_ids.index(resume_state.step_id) if resume_state is not None and resume_state.step_id in step_ids else 0
-    _prefetch_shard(f"train-{first}")  # its coordinator starts while the engine builds
+    _prefetch_shard(session, f"train-{first}")  # its coordinator starts while the engine builds
     for index in range(first, len(steps)):
         if index + 1 < len(steps):
-            _prefetch_shard(f"train-{index + 1}")
+            _prefetch_shard(session, f"train-{index + 1}")
         plan, decode_signal = steps[index]
         resume = checkpoint if resume_state is not None and index == first and resume_state.step_id == plan.step_id else None
         emit = _emitter(events, plan.step_id, rank)
-        run_one_step(plan, decode_signal, resume, index, device, rank, emit, config["validation"][index])
+        run_one_step(plan, decode_signal, resume, index, session, emit, config["validation"][index], config.get("on_report"))
 
 
-def _prefetch_shard(name: str) -> None:
+def _prefetch_shard(session: WorkerSession, name: str) -> None:
     """Asks for the next step's shard now, on a helper thread: its split coordinator (an actor,
     so a process start) is then up when the step begins, instead of delaying its first batch by
     seconds. Nothing is read before the step iterates the shard."""
     import threading
 
-    threading.Thread(target=ray.train.get_dataset_shard, args=(name,), name=f"ckd-prefetch-{name}", daemon=True).start()
+    threading.Thread(target=session.dataset_shard, args=(name,), name=f"ckd-prefetch-{name}", daemon=True).start()
 
 
 def _emitter(events, step_id: str, rank: int):
@@ -165,11 +192,12 @@ def _emitter(events, step_id: str, rank: int):
     return emit
 
 
-def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint, index: int, device: torch.device, rank: int, emit,
-                 validation_rows=None) -> None:
+def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint, index: int, session: WorkerSession, emit,
+                 validation_rows=None, on_report=None) -> None:
     """One step on this worker: build (or restore) the student, train on shard "train-<index>",
     validate on `validation_rows` (an ObjectRef of numpy columns), write the final checkpoint
     and the export. Records its phases."""
+    rank, device = session.rank, session.device
     phases = Phases()
     with phases.timed("engine_init"):
         engine, state = restore_or_build(plan, device, checkpoint)
@@ -179,12 +207,12 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
     emit("started", {"resumed_from": state.step, "engine_init_s": phases.seconds["engine_init"]})
     pixel_dtype = torch.bfloat16 if plan.bf16 else torch.float32
     student_metrics = StudentMetrics(plan.job_name, plan.stage, plan.kind, worker=str(rank))
-    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), rank, student_metrics, phases)
+    report = Reporter(engine, plan, storage.download_dir(plan.init_model_uri), session, student_metrics, phases, on_report)
     gpu_sampler = GpuSampler(role="student", job=plan.job_name).start()
 
     engine.train()
     window = ReportWindow()
-    batches = micro_batches(ray.train.get_dataset_shard(f"train-{index}"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
+    batches = micro_batches(session.dataset_shard(f"train-{index}"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
     first_batch = True
     while state.step < plan.total_steps:
         epoch, index_in_epoch, batch, waited_s, last_in_epoch = next(batches)
@@ -336,9 +364,12 @@ class Reporter:
     `plan.export_uri` (so a finished checkpoint always has its export). Rank 0 writes one
     progress line per report to its log."""
 
-    def __init__(self, engine, plan: StepPlan, processor_dir, rank: int, student_metrics: StudentMetrics, phases: "Phases"):
-        self.engine, self.plan, self.processor_dir, self.rank = engine, plan, processor_dir, rank
+    def __init__(self, engine, plan: StepPlan, processor_dir, session: WorkerSession, student_metrics: StudentMetrics,
+                 phases: "Phases", on_report=None):
+        self.engine, self.plan, self.processor_dir = engine, plan, processor_dir
+        self.session, self.rank = session, session.rank
         self.student_metrics, self.phases = student_metrics, phases
+        self.on_report = on_report if self.rank == 0 else None
 
     def __call__(self, state: TrainState, metrics: dict, *, checkpoint: bool, final: bool = False) -> None:
         started = time.perf_counter()
@@ -349,8 +380,10 @@ class Reporter:
             sys.stdout.flush()
         reported = {**metrics, "step_id": self.plan.step_id, "final": final}
         if not checkpoint:
-            ray.train.report(reported)
+            self.session.report(reported)
             self.phases.add("reports", time.perf_counter() - started)
+            if self.on_report:
+                self.on_report(reported)
             return
         with tempfile.TemporaryDirectory(prefix="ckd-checkpoint-") as directory:
             write_checkpoint(self.engine, state, directory, processor_dir=self.processor_dir, is_writer=self.rank == 0)
@@ -364,13 +397,11 @@ class Reporter:
                 Path(directory, MODEL_DIR, STEP_SUMMARY_FILE).unlink()
                 self.phases.add("export", time.perf_counter() - written)
                 written = time.perf_counter()
-            ray.train.report(
-                reported,
-                checkpoint=ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None,
-                checkpoint_dir_name=f"{self.plan.checkpoint_prefix}step-{state.step:07d}",
-            )
+            self.session.report(reported, directory if self.rank == 0 else None, f"{self.plan.checkpoint_prefix}step-{state.step:07d}")
         self.phases.add("checkpoint", time.perf_counter() - written)
         self.student_metrics.record_checkpoint(time.perf_counter() - started)
+        if self.on_report:
+            self.on_report(reported)
 
 
 def progress_line(plan: StepPlan, metrics: dict) -> str:
@@ -489,6 +520,7 @@ def _world_size() -> int:
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return values
-    on_device = values.to(ray.train.torch.get_device())  # NCCL reduces device tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    on_device = values.to(device)  # NCCL reduces device tensors only
     dist.all_reduce(on_device)
     return on_device.cpu()

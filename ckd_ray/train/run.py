@@ -80,13 +80,22 @@ def run_steps(
     on_event: EventHandler | None = None,
     worker_loop=train_worker,
     loop_config: dict | None = None,
+    in_process: bool = False,
 ) -> list[StepResult]:
     """Trains `steps` in order on one worker group shaped by `trainer_config`; returns a result
     per step. `on_event` is called on this thread as rank 0 starts a step, finishes an optimizer
     step and finishes a step (the Train run itself runs on a helper thread meanwhile), so a
     caller can keep its manifest and progress bar current while the group trains. `worker_loop`
     wraps `train_worker` where a caller needs more on the workers (Tune); `loop_config` adds to
-    its config."""
+    its config.
+
+    `in_process` (one worker only) runs the loop in this process instead: no controller, no
+    worker actor, no restarts, and no trainer callbacks (the loop's `on_report` sees each
+    report). A one-worker Tune trial uses it, so that its trial actor, which Tune reuses from
+    trial to trial with its imports warm, is the worker. Ray Train's own local mode
+    (`num_workers=0`) cannot serve here: Ray refuses `ray.train.*` calls inside a Tune trial."""
+    if in_process and trainer_config.num_workers != 1:
+        raise ValueError(f"an in-process run has one worker; trainer.num_workers is {trainer_config.num_workers}")
     from ray.util.queue import Queue
 
     events = Queue(actor_options={"num_cpus": 0}) if on_event else None
@@ -94,6 +103,9 @@ def run_steps(
     loop_config = {**(loop_config or {}), "steps": [(step.plan, step.decode_signal) for step in steps], "events": events,
                    "validation": validation}
     datasets = {f"train-{index}": step.train_dataset for index, step in enumerate(steps)}
+    if in_process:
+        worker_loop(loop_config, _in_process_session(datasets, storage.join(storage_uri, name), trainer_config.use_gpu))
+        return [read_step_result(step.plan, storage_uri, name) for step in steps]
     trainer = build_trainer(
         trainer_config, worker_loop, loop_config, storage_uri=storage_uri, name=name, datasets=datasets,
         max_failures=trainer_config.max_failures if max_failures is None else max_failures,
@@ -129,6 +141,37 @@ def run_steps(
     if "error" in outcome:
         raise outcome["error"]
     return [read_step_result(step.plan, storage_uri, name) for step in steps]
+
+
+def _in_process_session(datasets: dict, run_uri: str, use_gpu: bool):
+    """The worker session of an in-process run: rank 0 of a process group of one (DeepSpeed
+    needs a group; it is made once per process and kept, since a reused Tune trial actor trains
+    trial after trial in it), the datasets themselves in their planned order, and checkpoints
+    copied to the run folder as Ray Train would."""
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from ckd_ray.train.loop import WorkerSession
+
+    # What a launcher would set for rank 0 of one; DeepSpeed checks LOCAL_RANK.
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    if not dist.is_initialized():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    for dataset in datasets.values():
+        dataset.context.execution_options.preserve_order = True  # what Ray Train's ordered ingest gives its shards
+
+    def report(metrics: dict, directory: str | None = None, dir_name: str | None = None) -> None:
+        if directory:
+            storage.upload_dir(directory, storage.join(run_uri, dir_name))
+
+    device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    return WorkerSession(rank=0, device=device, checkpoint=None, dataset_shard=datasets.__getitem__, report=report)
 
 
 def _validation_ref(val):

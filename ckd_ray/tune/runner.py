@@ -46,6 +46,7 @@ from ckd_ray.tune.trial import (
     VALIDATED,
     ReleaseStoppedTrialRuns,
     run_trial,
+    runs_in_process,
 )
 
 BEST_CONFIG = "best_config.yaml"
@@ -180,6 +181,11 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
     storage_path, storage_filesystem = _tune_storage(searches_uri)
     trainable = tune.with_parameters(run_trial, job=job, runs=runs, roles=dict(roles), val_datasets=val_datasets,
                                      searched_terms=searched_terms, search_uri=search_uri)
+    in_process = runs_in_process(job)
+    if in_process:  # the trial actor is the student worker: it holds the worker's resources
+        trainer = job.trainer
+        trainable = tune.with_resources(trainable, {"CPU": trainer.cpus_per_worker, **({"GPU": 1} if trainer.use_gpu else {}),
+                                                    **trainer.resources})
     progress = TrialProgress(search.name, settings.metric, log, fail_after=min(3, settings.num_samples))
     tuner = tune.Tuner(
         trainable,
@@ -196,6 +202,7 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
                                     # run cleans up) instead of being stopped at its last report.
                                     stop_last_trials=False),
             max_concurrent_trials=settings.max_concurrent_trials,
+            reuse_actors=in_process,  # imports, DeepSpeed and the process group stay warm from trial to trial
         ),
         run_config=tune.RunConfig(
             name=search.folder,

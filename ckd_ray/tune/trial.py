@@ -2,8 +2,9 @@
 trial's loss weights and temperature, on the cached teacher signal.
 
 In Ray 2.60 a Tune trial is a driver function that builds and fits a `TorchTrainer` (Ray Train V2
-has no `Tuner(trainer)`); the trainer's reports reach Tune through a `TuneReportCallback` in the
-trainer's `RunConfig(callbacks=...)`. The trial asks for its teacher signal exactly as a cascade
+has no `Tuner(trainer)`). With one worker the trainer runs in local mode, in the trial actor
+itself, and the loop reports to Tune directly; with several, the trainer's reports reach Tune
+through a `TuneReportCallback` in the trainer's `RunConfig(callbacks=...)`. The trial asks for its teacher signal exactly as a cascade
 step does (`attach_teacher_signal`), so it is a cache hit when the driver warmed the cache, and a
 teacher pass of the trial's own when it did not (counted either way).
 
@@ -40,27 +41,25 @@ TEACHER_PASSES = "signal_teacher_passes"
 PLACEMENT_GROUP_FILE = "placement_group.txt"
 
 
-class TrialReportCallback(TuneReportCallback):
-    """Turns each report of a trial's worker group (rank 0's metrics) into a Tune result. Runs in
-    the Train controller, not in the trial function. `offsets`: optimizer steps the trial ran
-    before each of its steps (by step id); the last step's final report carries the validation."""
+class TrialResults:
+    """Turns each report of a trial's worker group (rank 0's metrics) into a Tune result.
+    `offsets`: optimizer steps the trial ran before each of its steps (by step id); the last
+    step's final report carries the validation."""
 
     def __init__(self, *, offsets: dict[str, int], stage_numbers: dict[str, int], last_step_id: str, cache_hits: int,
                  teacher_passes: int):
-        super().__init__()
         self.offsets, self.stage_numbers, self.last_step_id = offsets, stage_numbers, last_step_id
         self.signal = {CACHE_HITS: cache_hits, TEACHER_PASSES: teacher_passes}
         self.optimizer_s, self.last_step = 0.0, {}
 
-    def after_report(self, run_context, metrics, checkpoint):
-        report = metrics[0]
+    def result(self, report: dict) -> dict:
         step_id = report["step_id"]
         if "step_time_s" in report:  # seconds in optimizer steps so far (the trial's compute)
             steps = int(report["step"]) - self.last_step.get(step_id, 0)
             self.optimizer_s += float(report["step_time_s"]) * steps
             self.last_step[step_id] = int(report["step"])
         validated = step_id == self.last_step_id and "val_loss" in report
-        result = {
+        return {
             TRIAL_STEP: self.offsets[step_id] + int(report["step"]),
             "stage": self.stage_numbers[step_id],
             TRAIN_TASK_LOSS: float(report.get("loss_task", math.nan)),  # NaN when the task weight is 0: never stopped
@@ -71,14 +70,35 @@ class TrialReportCallback(TuneReportCallback):
             OPTIMIZER_SECONDS: self.optimizer_s,
             **self.signal,
         }
-        super().after_report(run_context, [result], checkpoint)
+
+    def report_to_tune(self, report: dict) -> None:
+        """An in-process trial's reports (the loop's `on_report`, on the trial's own thread)."""
+        ray.tune.report(self.result(report))
+
+
+class TrialReportCallback(TuneReportCallback):
+    """A multi-worker trial's reports: runs in the Train controller, not in the trial function."""
+
+    def __init__(self, results: TrialResults):
+        super().__init__()
+        self.results = results
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, [self.results.result(metrics[0])], checkpoint)
+
+
+def runs_in_process(job: JobConfig) -> bool:
+    """A one-worker trial trains in its Tune trial actor (Ray Train's local mode): Tune reuses
+    the actor, so a trial pays no controller, worker start or imports. Several workers need a
+    worker group of their own per trial."""
+    return job.trainer.num_workers == 1
 
 
 def run_trial(values: dict, *, job: JobConfig, runs: list[PlannedStep], roles: dict[str, str], val_datasets: dict,
               searched_terms: dict[int, set[str]], search_uri: str) -> None:
     """Tune's trial function. `values` maps "<stage>.<name>" to the trial's value; `runs` are the
     distillation steps to train in turn, each starting from the previous one's student, on one
-    worker group, each for `tune.max_steps_per_trial` optimizer steps with a report every
+    worker group (this process, for one worker: `runs_in_process`), each for `tune.max_steps_per_trial` optimizer steps with a report every
     `tune.grace_period` steps. Unlike a cascade step there are no restarts (a restart would replay
     reports Tune has already acted on, and a failed trial is a result of the search)."""
     from ckd_ray.cascade.runner import quiet_data_progress
@@ -109,11 +129,16 @@ def run_trial(values: dict, *, job: JobConfig, runs: list[PlannedStep], roles: d
         steps_before += step.train_step.plan.total_steps
         learners[planned.learner] = export_uri
         prepared.append(step)
-    callback = TrialReportCallback(offsets=offsets, stage_numbers=stage_numbers, last_step_id=runs[-1].step_id,
-                                   cache_hits=cache_hits, teacher_passes=teacher_passes)
-    run_steps(trial_job.trainer, [step.train_step for step in prepared], storage_uri=trial_uri, name=RUN_FOLDER,
-              max_failures=0, keep_checkpoints=1, callbacks=[callback], worker_loop=trial_worker,
-              loop_config={"placement_group_uri": storage.join(trial_uri, PLACEMENT_GROUP_FILE)})
+    results = TrialResults(offsets=offsets, stage_numbers=stage_numbers, last_step_id=runs[-1].step_id,
+                           cache_hits=cache_hits, teacher_passes=teacher_passes)
+    train_steps = [step.train_step for step in prepared]
+    if runs_in_process(job):
+        run_steps(trial_job.trainer, train_steps, storage_uri=trial_uri, name=RUN_FOLDER, max_failures=0, keep_checkpoints=1,
+                  loop_config={"on_report": results.report_to_tune}, in_process=True)
+    else:
+        run_steps(trial_job.trainer, train_steps, storage_uri=trial_uri, name=RUN_FOLDER, max_failures=0, keep_checkpoints=1,
+                  callbacks=[TrialReportCallback(results)], worker_loop=trial_worker,
+                  loop_config={"placement_group_uri": storage.join(trial_uri, PLACEMENT_GROUP_FILE)})
     for planned in runs:
         data.check_rejects(planned)
 
