@@ -7,6 +7,7 @@ this worker's data shard from the saved data position, report, checkpoint, valid
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 import tempfile
@@ -165,23 +166,48 @@ def train_worker(config: dict, session: WorkerSession | None = None) -> None:
             resume_state = read_state(directory)
     step_ids = [plan.step_id for plan, _ in steps]
     first = step_ids.index(resume_state.step_id) if resume_state is not None and resume_state.step_id in step_ids else 0
-    _prefetch_shard(session, f"train-{first}")  # its coordinator starts while the engine builds
+    upcoming = ShardPrefetch(session, f"train-{first}", steps[first][0].micro_batch_size)  # read while the engine builds
     for index in range(first, len(steps)):
+        current = upcoming
         if index + 1 < len(steps):
-            _prefetch_shard(session, f"train-{index + 1}")
+            upcoming = ShardPrefetch(session, f"train-{index + 1}", steps[index + 1][0].micro_batch_size)
         plan, decode_signal = steps[index]
         resume = checkpoint if resume_state is not None and index == first and resume_state.step_id == plan.step_id else None
         emit = _emitter(events, plan.step_id, rank)
-        run_one_step(plan, decode_signal, resume, index, session, emit, config["validation"][index], config.get("on_report"))
+        run_one_step(plan, decode_signal, resume, current, session, emit, config["validation"][index], config.get("on_report"))
 
 
-def _prefetch_shard(session: WorkerSession, name: str) -> None:
-    """Asks for the next step's shard now, on a helper thread: its split coordinator (an actor,
-    so a process start) is then up when the step begins, instead of delaying its first batch by
-    seconds. Nothing is read before the step iterates the shard."""
-    import threading
+class ShardPrefetch:
+    """Opens a step's shard and reads its first micro-batch on a helper thread, while the
+    previous step trains (or the engine builds): the split coordinator (an actor, so a process
+    start) and the first read and preprocessing tasks are then done when the step begins,
+    instead of delaying its first batch by seconds. The pass it opens is the step's first
+    epoch pass, whatever the epoch: every `iter_batches` pass over a shard starts at its
+    beginning, and a resumed step drops the batches it trained on from it as from any other."""
 
-    threading.Thread(target=session.dataset_shard, args=(name,), name=f"ckd-prefetch-{name}", daemon=True).start()
+    def __init__(self, session: WorkerSession, name: str, batch_size: int):
+        import threading
+
+        self.shard = self.first_pass = self.error = None
+        self.batch_size = batch_size
+        self.thread = threading.Thread(target=self._open, args=(session, name), name=f"ckd-prefetch-{name}", daemon=True)
+        self.thread.start()
+
+    def _open(self, session: WorkerSession, name: str) -> None:
+        try:
+            self.shard = session.dataset_shard(name)
+            batches = enumerate(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False))
+            head = next(batches, None)
+            self.first_pass = itertools.chain([head] if head is not None else [], batches)
+        except BaseException as err:  # re-raised on the step's thread
+            self.error = err
+
+    def take(self):
+        """(shard, its first pass): waits for the helper thread."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.shard, self.first_pass
 
 
 def _emitter(events, step_id: str, rank: int):
@@ -192,9 +218,9 @@ def _emitter(events, step_id: str, rank: int):
     return emit
 
 
-def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint, index: int, session: WorkerSession, emit,
-                 validation_rows=None, on_report=None) -> None:
-    """One step on this worker: build (or restore) the student, train on shard "train-<index>",
+def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint, data: ShardPrefetch, session: WorkerSession,
+                 emit, validation_rows=None, on_report=None) -> None:
+    """One step on this worker: build (or restore) the student, train on the shard `data` opens,
     validate on `validation_rows` (an ObjectRef of numpy columns), write the final checkpoint
     and the export. Records its phases."""
     rank, device = session.rank, session.device
@@ -212,7 +238,10 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
 
     engine.train()
     window = ReportWindow()
-    batches = micro_batches(session.dataset_shard(f"train-{index}"), plan.micro_batch_size, state.epoch, state.batches_in_epoch)
+    wait_started = time.perf_counter()
+    shard, first_pass = data.take()
+    phases.add("first_batch_wait", time.perf_counter() - wait_started)
+    batches = micro_batches(shard, plan.micro_batch_size, state.epoch, state.batches_in_epoch, first_pass=first_pass)
     first_batch = True
     while state.step < plan.total_steps:
         epoch, index_in_epoch, batch, waited_s, last_in_epoch = next(batches)
@@ -322,17 +351,22 @@ def build_student(plan: StepPlan, device: torch.device, checkpoint_dir: Path | N
     return engine
 
 
-def micro_batches(shard, batch_size: int, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict, float, bool]]:
+def micro_batches(shard, batch_size: int, start_epoch: int, skip: int, first_pass=None) -> Iterator[tuple[int, int, dict, float, bool]]:
     """(epoch, index in the epoch, batch, seconds spent waiting for it, whether it is the epoch's
     last), epoch after epoch, from a data position on: the first `skip` micro-batches of
     `start_epoch` are read and dropped (they were trained on before the checkpoint). Shards are
     deterministic (ordered ingest, no locality-based assignment), so the dropped batches are
     exactly the ones trained on. Each batch is yielded once the next one is in hand, so the end
-    of an epoch is known from the data itself, not from an estimate of its length."""
+    of an epoch is known from the data itself, not from an estimate of its length.
+    `first_pass`: an (index, batch) iterator of the shard already opened (`ShardPrefetch`),
+    used for the first epoch read."""
     epoch = start_epoch
     while True:
         wait_started = time.perf_counter()
-        batches = enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False))
+        if first_pass is not None:
+            batches, first_pass = first_pass, None
+        else:
+            batches = enumerate(shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=False))
         current = next(batches, None)
         if current is None:
             raise RuntimeError("this worker's data shard is empty: the step has fewer samples than workers")
