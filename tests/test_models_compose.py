@@ -308,6 +308,16 @@ def test_pair_checks_accept_padded_vocabularies_and_refuse_other_images_or_token
         validate_config(_pair_job(student, other_teacher.uri))
 
 
+def test_a_composed_teacher_marked_prepare_is_trained_before_it_teaches(composed):
+    from ckd_ray.cascade.plan import build_plan
+
+    raw = {"models": {"student": {"path": composed["student"].uri}, "teacher": {"path": composed["teacher"].uri}},
+           "data": {"benchmark_root": "data/kvqa"}, "cascade": {"plan": "single_teacher"}}
+    assert [p.kind for p in build_plan(validate_config(raw))] == ["DPT", "SFT", "DFT"]  # a folder is taken as trained
+    raw["models"]["teacher"]["prepare"] = True
+    assert [(p.learner, p.kind) for p in build_plan(validate_config(raw))][:2] == [("teacher", "PT"), ("teacher", "FT")]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_dpt_and_dft_on_composed_models_export_a_student_that_answers(ray_local, kvqa_dir, composed, tmp_path):
