@@ -150,8 +150,9 @@ def compose_both(paths: dict[str, Path], work: Path) -> dict[str, str]:
 def job_config(shapes: Shapes, models: dict[str, str], benchmark: Path, work: Path, on_gpu: bool):
     from ckd_ray.config import validate_config
 
+    name = f"gpu-smoke-{int(time.time())}"
     return validate_config({
-        "name": f"gpu-smoke-{int(time.time())}",
+        "name": name,
         "models": {"student": {"path": models["student"], "dtype": "bfloat16" if on_gpu else "float32"},
                    "teacher": {"path": models["teacher"], "dtype": "bfloat16" if on_gpu else "float32"}},
         "data": {"benchmark_root": str(benchmark), "max_length": shapes.max_length},
@@ -163,7 +164,8 @@ def job_config(shapes: Shapes, models: dict[str, str], benchmark: Path, work: Pa
                     "precision": "bf16" if on_gpu else "fp32", "micro_batch_size": shapes.micro_batch_size,
                     "max_steps": shapes.max_steps, "report_every": max(1, shapes.max_steps // 4), "checkpoint_every": 1000, "warmup_ratio": 0.0},
         "evaluation": {"max_samples": 16, "latency_runs": 1, "max_new_tokens": 4},
-        "storage": {"root": str(work / "runs")},
+        # A fresh signal cache per run: a cache hit would skip the teacher pass being measured.
+        "storage": {"root": str(work / "runs"), "signal_cache": str(work / "runs" / name / "signal-cache")},
         "ray": {"num_cpus": 16 if on_gpu else 8},
     })
 
