@@ -151,9 +151,12 @@ def test_extends_merges_parent_file(tmp_path):
 def test_tokenizer_mismatch_between_local_models_is_a_config_error(tmp_path):
     import json
 
+    llava = {"model_type": "llava", "vision_config": {"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8},
+             "text_config": {"vocab_size": 8}, "vision_feature_select_strategy": "full", "image_token_index": 1}
     for role, vocab in (("a", {"x": 0}), ("b", {"y": 0})):
         folder = tmp_path / role
         folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(llava))
         (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))
     raw = base()
     raw["models"]["student"] = {"path": str(tmp_path / "a")}

@@ -21,12 +21,14 @@ class StepData:
         self.run_uri = run_uri
         data = job.data
         student = job.models["student"]
+        # The student's own folder before the benchmark's: a composed or loaded model's tokenizer
+        # and image processor must make its inputs (the benchmark's serve the tiny presets).
         if data.processor:
             self.processor_uri = data.processor
-        elif data.benchmark_root:
-            self.processor_uri = storage.join(data.benchmark_root, "processor")
         elif student.path:
             self.processor_uri = student.path
+        elif data.benchmark_root:
+            self.processor_uri = storage.join(data.benchmark_root, "processor")
         else:
             raise ValueError("no processor folder: set data.processor, data.benchmark_root, or models.student.path")
         self._processor = None
@@ -47,22 +49,34 @@ class StepData:
 
     @property
     def processor(self):
+        """The tokenizer and image processor of `processor_uri`, expanding an image to as many
+        tokens as the student's vision tower makes; an image size the tower does not take is an
+        error here, on the driver, not a shape error inside a worker."""
         if self._processor is None:
             from ckd_ray.data.processor import Processor
+            from ckd_ray.models import num_image_tokens
 
-            self._processor = Processor.load(self.processor_uri, self._num_image_tokens())
+            student = self._student_config()
+            vision = student.vision_config
+            processor = Processor.load(self.processor_uri, num_image_tokens(student))
+            if processor.pixel_shape[1:] != (vision.image_size, vision.image_size):
+                raise ValueError(
+                    f"the image processor of {self.processor_uri} makes {processor.pixel_shape[1]}x{processor.pixel_shape[2]} "
+                    f"images but the student's vision tower takes {vision.image_size}x{vision.image_size}: unset data.processor "
+                    "(the student's own folder is used), or point it at a folder made for this student"
+                )
+            self._processor = processor
         return self._processor
 
-    def _num_image_tokens(self) -> int:
+    def _student_config(self):
         from transformers import LlavaConfig
 
-        from ckd_ray.models import num_image_tokens, preset_config
+        from ckd_ray.models import preset_config
 
         spec = self.job.models["student"]
         if spec.preset:
-            return num_image_tokens(preset_config(spec.preset))
-        config = json.loads((storage.download_dir(spec.path) / "config.json").read_text())
-        return num_image_tokens(LlavaConfig.from_dict(config))
+            return preset_config(spec.preset)
+        return LlavaConfig.from_dict(json.loads(storage.read_bytes(storage.join(spec.path, "config.json"))))
 
     def _sources(self, planned, split: str | None = None):
         data = self.job.data

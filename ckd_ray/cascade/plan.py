@@ -38,8 +38,8 @@ class PlannedStep:
 
 
 def teacher_roles_to_prepare(job: JobConfig) -> list[str]:
-    """Teacher roles whose checkpoint is not given (a preset): they are trained first with the
-    TinyLLaVA recipe. A role that is itself a learner earlier (top-down TA) is not prepared:
+    """Teacher roles that need training before they teach (presets, and folders marked
+    `prepare: true`, e.g. freshly composed ones): they are trained first with the TinyLLaVA recipe. A role that is itself a learner earlier (top-down TA) is not prepared:
     its distilled checkpoint teaches."""
     if not job.cascade.prepare_teachers:
         return []
@@ -47,12 +47,12 @@ def teacher_roles_to_prepare(job: JobConfig) -> list[str]:
     roles: list[str] = []
     for stage in job.cascade.resolved_stages():
         teacher = stage.teacher
-        if teacher and teacher not in roles and teacher not in learned and job.models[teacher].preset:
+        if teacher and teacher not in roles and teacher not in learned and job.models[teacher].needs_preparation:
             roles.append(teacher)
         learned.add(stage.learner)
     # A top-down TA learns from the teacher before it teaches, so it starts from a prepared one too.
     for stage in job.cascade.resolved_stages():
-        if stage.teacher and stage.learner != "student" and stage.learner not in roles and job.models[stage.learner].preset:
+        if stage.teacher and stage.learner != "student" and stage.learner not in roles and job.models[stage.learner].needs_preparation:
             roles.append(stage.learner)
     return roles
 

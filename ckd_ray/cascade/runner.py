@@ -65,6 +65,18 @@ def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, 
     ray.init(**kwargs)
 
 
+def check_model_folders(job: JobConfig) -> None:
+    """Every role's model folder (s3:// too) exists, is in the Llava layout, and can teach or
+    learn from the roles it meets: checked from the folders' small files before Ray starts, so a
+    pair that cannot be distilled fails in seconds, not after a teacher pool has loaded."""
+    from ckd_ray.config.checks import model_folder_problems
+    from ckd_ray.config.loader import ConfigError
+
+    problems = model_folder_problems(job, at_start=True)
+    if problems:
+        raise ConfigError(problems, "the job's model folders")
+
+
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars interleave with the step lines of a cascade; the
     runner prints one line per step and per report instead."""
@@ -81,6 +93,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     from ckd_ray.report import write_report
 
     start = time.perf_counter()
+    check_model_folders(job)
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
     run_uri = job.run_uri

@@ -3,10 +3,8 @@ pool pass written to the cache (the pool lives only for that pass)."""
 
 from __future__ import annotations
 
-import json
 import time
 
-from ckd_ray import storage
 from ckd_ray.config.job import JobConfig
 from ckd_ray.teachers import SignalCache, SignalSpec, TeacherSource, add_teacher_stage, cache_key, spec_fingerprint, teacher_checkpoint_hash
 
@@ -29,13 +27,12 @@ def step_signal_spec(job: JobConfig, planned) -> SignalSpec:
 def shared_vocab(learner_uri: str, teacher_uri: str) -> int:
     """The vocabulary range both models' logits are compared over; a tokenizer mismatch is an
     error here, before any teacher actor or student worker starts."""
-    from ckd_ray.models import shared_vocab_size, vocab_fingerprint
+    from ckd_ray.models import shared_vocab_size
+    from ckd_ray.models.folders import read_model_folder
 
-    learner, teacher = storage.download_dir(learner_uri), storage.download_dir(teacher_uri)
-    vocab = [json.loads((d / "config.json").read_text())["text_config"]["vocab_size"] for d in (learner, teacher)]
-    tokenizer_len = len(json.loads((learner / "tokenizer.json").read_text())["model"]["vocab"])
-    return shared_vocab_size(vocab[0], vocab[1], student_fingerprint=vocab_fingerprint(learner),
-                             teacher_fingerprint=vocab_fingerprint(teacher), tokenizer_len=tokenizer_len)
+    learner, teacher = read_model_folder(learner_uri), read_model_folder(teacher_uri)  # small files only
+    return shared_vocab_size(learner.vocab_rows, teacher.vocab_rows, student_fingerprint=learner.tokenizer_fingerprint,
+                             teacher_fingerprint=teacher.tokenizer_fingerprint, tokenizer_len=learner.tokenizer_length)
 
 
 def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri: str, dataset, data, log):

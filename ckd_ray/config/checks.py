@@ -1,5 +1,6 @@
 """Checks across sections: every loss term has its teacher signal, roles exist, teachers are
-larger than their learners, student and teacher share a tokenizer. Each problem names the field
+larger than their learners, model folders are in the Llava layout and each teacher can teach
+its learner (same tokenizer, visual tokens and image processor). Each problem names the field
 and the fix; nothing here rewrites a value."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
         problems += _check_signal(config)
     if ok("models", "cascade"):
         problems += _check_sizes(config)
-        problems += _check_tokenizers(config)
+        problems += model_folder_problems(config)
     if ok("tune", "cascade"):
         problems += _check_tune(config)
     return problems
@@ -140,26 +141,39 @@ def _check_sizes(config: JobConfig) -> list[Problem]:
     return problems
 
 
-def _check_tokenizers(config: JobConfig) -> list[Problem]:
-    """Local model directories must share the student's tokenizer (presets share one by design;
-    s3:// models are checked when their pool loads them, before training)."""
-    from ckd_ray.models.builder import vocab_fingerprint
+def model_folder_problems(config: JobConfig, *, at_start: bool = False) -> list[Problem]:
+    """Problems of the roles' model folders, read from their small files (no weights): a layout
+    that needs converting, and each stage's teacher/learner pair that cannot be distilled
+    (tokenizer, vocabulary rows, visual tokens, image token, image processor; see
+    `ckd_ray.models.folders.pair_problems`). At config load only local folders that exist are
+    read (a quickstart names folders it composes later); `at_start`, when a run begins and
+    before any actor starts, every folder is read, s3:// included, and must exist."""
+    from ckd_ray.models.folders import COMPOSE_HINT, layout_problem, pair_problems, read_model_folder
 
-    fingerprints = {}
+    folders = {}
+    problems: list[Problem] = []
     for role, spec in config.models.items():
-        if spec.path and not storage.is_s3(spec.path):
-            local = Path(storage.parse(spec.path).path)
-            if (local / "tokenizer.json").exists():
-                fingerprints[role] = vocab_fingerprint(local)
-    problems = []
-    for i, stage, at in _stages(config):
-        a, b = fingerprints.get(stage.learner), fingerprints.get(stage.teacher or "")
-        if a and b and a != b:
-            problems.append(Problem(
-                f"{at}.teacher",
-                f"{stage.teacher!r} and {stage.learner!r} use different tokenizers",
-                "distillation compares logits token by token: give both models the same tokenizer",
-            ))
+        if not spec.path or (not at_start and (storage.is_s3(spec.path) or not storage.exists(spec.path))):
+            continue
+        field = f"models.{role}.path"
+        try:
+            folder = read_model_folder(spec.path)
+        except FileNotFoundError as err:
+            problems.append(Problem(field, str(err), f"give a Hugging Face Llava folder, or compose one: {COMPOSE_HINT}"))
+            continue
+        layout = layout_problem(folder.config)
+        if layout:
+            problems.append(Problem(field, f"{spec.path} {layout[0]}", layout[1]))
+            continue
+        folders[role] = folder
+    seen = set()
+    for _, stage, at in _stages(config):
+        pair = (stage.learner, stage.teacher)
+        if pair in seen or stage.learner not in folders or stage.teacher not in folders:
+            continue
+        seen.add(pair)
+        for message, fix in pair_problems(folders[stage.learner], folders[stage.teacher]):
+            problems.append(Problem(f"{at}.teacher", message, fix))
     return problems
 
 

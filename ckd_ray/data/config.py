@@ -52,7 +52,8 @@ class DataConfig(Section):
     """Instruction sources for the steps that train the LLM (FT, SFT, DFT); empty: the benchmark's instructions."""
 
     processor: str | None = None
-    """Folder (local or s3://) with the tokenizer and image processor; None: the student model's folder."""
+    """Folder (local or s3://) with the tokenizer and image processor; None: the student's folder
+    when models.student.path is set (a composed or loaded model brings its own), else the benchmark's."""
 
     max_length: int = Field(default=128, ge=8)
     """Tokens per sample after the image placeholder is expanded; shorter samples are right-padded."""

@@ -170,11 +170,12 @@ def build_processor_dir(texts: Iterable[str], out_dir: str | Path, *, vocab_size
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    _siglip_image_processor(image_size).save_pretrained(out)
+    siglip_image_processor(image_size).save_pretrained(out)
     return tokenizer
 
 
-def _siglip_image_processor(image_size: int):
+def siglip_image_processor(image_size: int):
+    """The benchmark's SigLIP image processor: resize to `image_size` square, scale to [-1, 1]."""
     try:  # transformers 5 without torchvision: the PIL backend, saved under the same processor type
         from transformers import SiglipImageProcessorPil as SiglipImageProcessor
     except ImportError:

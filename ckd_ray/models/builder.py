@@ -7,7 +7,6 @@ config and is off by default.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForCondi
 
 from ckd_ray import storage
 from ckd_ray.models.config import ModelSpec
+from ckd_ray.models.folders import check_llava_layout, count_visual_tokens, tokenizer_fingerprint
 from ckd_ray.models.presets import EOS_TOKEN_ID, IMAGE_TOKEN_ID, PAD_TOKEN_ID, PRESETS, TINY_VISION
 
 # Parameter-name parts that each freeze policy trains; the vision tower is never among them.
@@ -24,7 +24,9 @@ FREEZE_POLICIES: dict[str, tuple[str, ...]] = {
     "connector": ("multi_modal_projector",),
     "connector+llm": ("multi_modal_projector", "language_model", "lm_head"),
 }
-PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "chat_template.jinja")
+# What `AutoProcessor` and `AutoTokenizer` read: copied next to every checkpoint of a model.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
+                   "processor_config.json", "chat_template.jinja", "chat_template.json")
 
 
 class VocabularyMismatchError(ValueError):
@@ -67,14 +69,9 @@ def preset_config(name: str) -> LlavaConfig:
 
 
 def num_image_tokens_of(vision_config, select_strategy: str) -> int:
-    """Visual tokens the connector emits per image: the patch grid, plus CLIP's class token, minus
-    one when the "default" strategy drops the first token (SigLIP-384 + default gives 728, not 729)."""
-    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-    if vision_config.model_type == "clip_vision_model":
-        tokens += 1
-    if select_strategy == "default":
-        tokens -= 1
-    return tokens
+    """Visual tokens the connector emits per image (see `folders.count_visual_tokens`)."""
+    return count_visual_tokens(image_size=vision_config.image_size, patch_size=vision_config.patch_size,
+                               vision_model_type=vision_config.model_type, select_strategy=select_strategy)
 
 
 def num_image_tokens(config: LlavaConfig) -> int:
@@ -125,8 +122,12 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
 ):
-    """Loads a model directory (local or s3://, mirrored to a local cache) from safetensors."""
+    """Loads a model directory (local or s3://, mirrored to a local cache) from safetensors. A
+    folder in another layout than transformers' Llava (original LLaVA, TinyLLaVA, a text-only
+    LLM) raises UnsupportedCheckpointError saying how to convert it."""
     local = storage.download_dir(uri, cache_dir)
+    if (local / "config.json").exists():  # another layout gets how to convert it, not a loader traceback
+        check_llava_layout(json.loads((local / "config.json").read_text()), uri)
     if not any(local.glob("*.safetensors")):
         raise FileNotFoundError(f"{uri!r} holds no *.safetensors weights (pickled .bin checkpoints are not loaded)")
     return AutoModelForImageTextToText.from_pretrained(
@@ -166,13 +167,8 @@ def count_parameters(model, *, trainable_only: bool = False) -> int:
 
 
 def vocab_fingerprint(processor_dir: str | Path) -> str:
-    """A hash of the token -> id map and the added tokens: equal fingerprints mean two models'
-    logits index the same tokens (up to vocabulary padding)."""
-    data = json.loads((Path(processor_dir) / "tokenizer.json").read_text())
-    model_vocab = data.get("model", {}).get("vocab", {})
-    added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
-    blob = json.dumps([sorted(model_vocab.items()) if isinstance(model_vocab, dict) else model_vocab, added])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The fingerprint of a folder's `tokenizer.json` (see `folders.tokenizer_fingerprint`)."""
+    return tokenizer_fingerprint(json.loads((Path(processor_dir) / "tokenizer.json").read_text()))
 
 
 def shared_vocab_size(

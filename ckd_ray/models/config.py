@@ -22,6 +22,14 @@ class ModelSpec(Section):
     """Allow the directory's own Python code to run when loading. Off unless you trust the source."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Weights dtype when loaded: auto is bfloat16 on GPU and float32 on CPU."""
+    prepare: bool | None = None
+    """Whether a teacher role is first trained with cascade.teacher_prep_steps (TinyLLaVA's PT,
+    FT): None prepares presets only (a folder is taken as trained); set true for a folder from
+    `ckd-ray models compose`, whose connector is new. cascade.prepare_teachers: false skips all."""
+
+    @property
+    def needs_preparation(self) -> bool:
+        return self.prepare if self.prepare is not None else self.preset is not None
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
