@@ -83,6 +83,10 @@ class DataConfig(Section):
     max_fact_tokens: int = Field(default=12, ge=1)
     """Tokens kept per fact verbalization (`fact_token_ids` columns)."""
 
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    """Images declaring more pixels (width x height, read from the header) are rejected before
+    decoding, so a decompression bomb cannot exhaust a preprocessing task's memory."""
+
     @model_validator(mode="after")
     def _check_sources(self) -> "DataConfig":
         problems: list[str] = []
