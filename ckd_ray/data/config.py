@@ -90,6 +90,13 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _check_sources(self) -> "DataConfig":
         problems: list[str] = []
+        for uri_field in ("benchmark_root", "processor"):
+            value = getattr(self, uri_field)
+            if value is not None:
+                try:
+                    storage.uri_scheme(value)
+                except ValueError as err:
+                    problems.append(f"data.{uri_field}: {err}")
         if self.benchmark_root is None:
             for kind in ("captions", "instructions"):
                 if not getattr(self, kind):
@@ -107,7 +114,7 @@ class DataConfig(Section):
                 if source.format == "llava_json" and source.image_root is None:
                     problems.append(
                         f"{field}.image_root is not set: set it to the folder or .zip holding the images "
-                        f"that {source.uri} names"
+                        f"that {storage.redact(source.uri)} names"
                     )
                 if source.format == "parquet" and source.image_root is not None:
                     problems.append(
