@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,28 @@ class Location:
         return f"s3://{self.bucket}/{self.path}" if self.scheme == "s3" else self.path
 
 
+# The `user:password@` part of a URI (`scheme://user:password@host/...`).
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the `user:password@` part of every URI in it replaced by `***@`, for messages."""
+    return _USERINFO.sub("***@", text)
+
+
 def uri_scheme(uri: str) -> str:
-    """The scheme of `uri` ("file" for plain paths); raises ValueError for unknown schemes."""
+    """The scheme of `uri` ("file" for plain paths); raises ValueError for unknown schemes and for
+    an s3:// URI that carries credentials (they belong in the environment, where nothing logs them)."""
     if "://" not in uri:
         return "file"
     scheme = uri.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown storage scheme {scheme!r} in {uri!r}: use a local path or s3://bucket/prefix")
+        raise ValueError(f"unknown storage scheme {scheme!r} in {redact(uri)!r}: use a local path or s3://bucket/prefix")
+    if scheme == "s3" and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        raise ValueError(
+            f"{redact(uri)!r} carries credentials before '@': remove them from the URI and set AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY in the environment instead"
+        )
     return scheme
 
 
@@ -69,11 +85,13 @@ def is_s3(uri: str) -> bool:
     return uri_scheme(str(uri)) == "s3"
 
 
-def s3_client():
+def s3_client(config=None):
+    """A boto3 S3 client for the environment's endpoint and credentials; `config`: a botocore
+    `Config` (timeouts, retries)."""
     import boto3
 
     # boto3 reads AWS_ENDPOINT_URL itself; passing it explicitly keeps older botocore working.
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
 
 
 def arrow_filesystem(uri: str):

@@ -150,7 +150,7 @@ BAD_REASONS = {
     "bad-two-placeholders": "image-placeholders",
     "bad-no-placeholder": "image-placeholders",
     "bad-non-utf8": "non-utf8",
-    "bad-escapes-root": "missing-image",
+    "bad-escapes-root": "image-outside-root",
 }
 
 

@@ -163,6 +163,7 @@ def test_recorders_pickle_into_actors():
     assert pool._tags == {"job": "j", "stage": "s", "step": "t", "pool": "p"}
 
 
+@pytest.mark.ray
 def test_every_tag_set_is_accepted_by_rays_metrics_in_an_actor(ray_local):
     """Ray checks tag keys at record time; record through every recorder inside a real actor."""
     ray = ray_local

@@ -77,6 +77,17 @@ def check_model_folders(job: JobConfig) -> None:
         raise ConfigError(problems, "the job's model folders")
 
 
+def raise_storage_problems(job: JobConfig) -> None:
+    """ConfigError, before Ray starts, if the job's data or models are missing or its S3 buckets
+    do not answer (see `ckd_ray.config.checks.check_storage`)."""
+    from ckd_ray.config.checks import check_storage
+    from ckd_ray.config.loader import ConfigError
+
+    problems = check_storage(job)
+    if problems:
+        raise ConfigError(problems, f"the data and storage of job {job.name!r}")
+
+
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars interleave with the step lines of a cascade; the
     runner prints one line per step and per report instead."""
@@ -93,6 +104,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     from ckd_ray.report import write_report
 
     start = time.perf_counter()
+    raise_storage_problems(job)
     check_model_folders(job)
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()

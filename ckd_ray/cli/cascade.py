@@ -18,7 +18,7 @@ def cascade(config_paths, overrides, verbose) -> None:
     from ckd_ray import run_cascade
     from ckd_ray.cli.console import console
 
-    job = load_or_exit(config_paths, overrides)
+    job = load_or_exit(config_paths, overrides, check_storage=True)
     with console(job, verbose=verbose) as log:
         result = run_cascade(job, log=log, log_to_driver=verbose)
         log(f"report: {result.report_uri}")
@@ -38,7 +38,7 @@ def evaluate(config_paths, overrides, models) -> None:
     from ckd_ray.cascade.runner import connect_ray
     from ckd_ray.evaluate import evaluate_model
 
-    job = load_or_exit(config_paths, overrides)
+    job = load_or_exit(config_paths, overrides, check_storage=True)
     connect_ray(job.ray)
     roles = Manifest.open(job.run_uri, job).roles
     targets = {m: roles.get(m, m) for m in models} if models else dict(roles)
@@ -68,8 +68,8 @@ def experiment(experiment_path) -> None:
 
     try:
         spec, base = load_experiment(experiment_path)
+        table_uri = run_experiment(spec, base, log=click.echo)  # a run's missing data: ConfigError before Ray starts
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
-    table_uri = run_experiment(spec, base, log=click.echo)
     click.echo(f"table: {table_uri}")

@@ -37,7 +37,10 @@ def to_parquet_command(json_uri: str, image_root: str, out_uri: str, rows_per_gr
     """Convert a LLaVA JSON/JSONL file and its images (folder or .zip) into Parquet with inline image bytes."""
     from ckd_ray.data.llava_parquet import write_llava_parquet
 
-    export = write_llava_parquet(json_uri, image_root, out_uri, rows_per_group=rows_per_group)
+    try:
+        export = write_llava_parquet(json_uri, image_root, out_uri, rows_per_group=rows_per_group)
+    except (ValueError, FileNotFoundError) as err:  # a JSON list cut short, a missing file: one line, no traceback
+        raise click.ClickException(str(err)) from None
     click.echo(f"wrote {export.num_rows} rows in {export.num_files} file(s) to {export.uri}")
     if export.num_rejected:
         click.echo(f"{export.num_rejected} record(s) could not be converted; reasons in {export.rejects_uri}")

@@ -17,10 +17,17 @@ def config_options(func):
     return click.argument("config_paths", nargs=-1, required=True, type=click.Path(dir_okay=False))(func)
 
 
-def load_or_exit(config_paths, overrides) -> JobConfig:
-    """The validated config, or every problem printed and exit code 2, before any Ray work."""
+def load_or_exit(config_paths, overrides, *, check_storage: bool = False) -> JobConfig:
+    """The validated config, or every problem printed and exit code 2, before any Ray work.
+    `check_storage` (commands that run the job): also what the job reads must exist and its S3
+    buckets must answer with the environment's credentials."""
+    from ckd_ray.config.checks import check_storage as storage_problems
+
     try:
-        return load_config(list(config_paths), list(overrides))
+        job = load_config(list(config_paths), list(overrides))
+        if check_storage and (problems := storage_problems(job)):
+            raise ConfigError(problems, f"the data and storage of {', '.join(config_paths)}")
+        return job
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)

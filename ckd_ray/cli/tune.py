@@ -22,7 +22,7 @@ def tune(config_paths, overrides, run_best, verbose) -> None:
     from ckd_ray.config import ConfigError
     from ckd_ray.tune.checks import check_tune
 
-    job = load_or_exit(config_paths, overrides)
+    job = load_or_exit(config_paths, overrides, check_storage=True)
     problems = check_tune(job)
     if problems:
         click.echo(str(ConfigError(problems, "tune")), err=True)

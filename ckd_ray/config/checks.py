@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 
 from ckd_ray import storage
@@ -26,6 +27,7 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
     if ok("models", "cascade", "signal", "loss"):
         problems += _check_signal(config)
     if ok("models", "cascade"):
+        problems += _check_model_files(config)
         problems += _check_sizes(config)
         problems += model_folder_problems(config)
     if ok("tune", "cascade"):
@@ -106,24 +108,50 @@ def _missing_signal(term: str, loss, signal) -> tuple[str, str] | None:
     return None
 
 
+def _local_json(spec, name: str):
+    """The parsed `name` of a role's local model folder; None if there is none or it does not
+    parse (`_check_model_files` reports that)."""
+    if not spec.path or storage.is_s3(spec.path):
+        return None
+    file = Path(storage.parse(spec.path).path) / name
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # absent, unreadable, not UTF-8, not JSON
+        return None
+
+
+def _check_model_files(config: JobConfig) -> list[Problem]:
+    """A local model folder's config.json and tokenizer.json, where present, must parse: the size
+    and tokenizer checks read them, and so does loading, later and on a worker."""
+    problems = []
+    for role, spec in config.models.items():
+        if not spec.path or storage.is_s3(spec.path):
+            continue
+        for name, kind in (("config.json", dict), ("tokenizer.json", dict)):
+            file = Path(storage.parse(spec.path).path) / name
+            if file.is_file() and not isinstance(_local_json(spec, name), kind):
+                problems.append(Problem(f"models.{role}.path", f"{file} is not a JSON object",
+                                        f"restore {name} from the model's source, or point models.{role}.path at an intact copy"))
+    return problems
+
+
 def _model_size(spec) -> int | None:
     """Parameters of a role's LLM when knowable without loading weights (preset or local config.json)."""
     if spec.preset and spec.preset in PRESETS:
         return approx_text_parameters(PRESETS[spec.preset].text)
-    if spec.path and not storage.is_s3(spec.path):
-        config_file = Path(storage.parse(spec.path).path) / "config.json"
-        if config_file.exists():
-            text = json.loads(config_file.read_text()).get("text_config", {})
-            try:
-                from ckd_ray.models.presets import TextTower
+    model_config = _local_json(spec, "config.json")
+    text = model_config.get("text_config") if isinstance(model_config, dict) else None
+    if not isinstance(text, dict):
+        return None
+    from ckd_ray.models.presets import TextTower
 
-                return approx_text_parameters(TextTower(
-                    text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"],
-                    text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"]), text["vocab_size"],
-                ))
-            except KeyError:
-                return None
-    return None
+    try:
+        return approx_text_parameters(TextTower(
+            text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"],
+            text["num_attention_heads"], text.get("num_key_value_heads", text["num_attention_heads"]), text["vocab_size"],
+        ))
+    except (KeyError, TypeError, ZeroDivisionError):  # fields missing or not numbers: size unknown, no check
+        return None
 
 
 def _check_sizes(config: JobConfig) -> list[Problem]:
@@ -161,6 +189,8 @@ def model_folder_problems(config: JobConfig, *, at_start: bool = False) -> list[
         except FileNotFoundError as err:
             problems.append(Problem(field, str(err), f"give a Hugging Face Llava folder, or compose one: {COMPOSE_HINT}"))
             continue
+        except (ValueError, RecursionError):  # a small file that is not JSON: _check_model_files names it
+            continue
         layout = layout_problem(folder.config)
         if layout:
             problems.append(Problem(field, f"{spec.path} {layout[0]}", layout[1]))
@@ -172,7 +202,14 @@ def model_folder_problems(config: JobConfig, *, at_start: bool = False) -> list[
         if pair in seen or stage.learner not in folders or stage.teacher not in folders:
             continue
         seen.add(pair)
-        for message, fix in pair_problems(folders[stage.learner], folders[stage.teacher]):
+        try:
+            found = pair_problems(folders[stage.learner], folders[stage.teacher])
+        except (AttributeError, KeyError, TypeError):  # JSON, but not the files transformers writes
+            found = []
+            for role in pair:
+                problems.append(Problem(f"models.{role}.path", "its tokenizer.json, config.json or preprocessor_config.json is not a Hugging Face file",
+                                        f"restore them from the model's source, or point models.{role}.path at an intact copy"))
+        for message, fix in found:
             problems.append(Problem(f"{at}.teacher", message, fix))
     return problems
 
@@ -192,3 +229,104 @@ def _check_tune(config: JobConfig) -> list[Problem]:
         if dim.choices is None and (dim.low is None or dim.high is None or dim.low > dim.high):
             problems.append(Problem(f"tune.space.{key}", "needs `choices`, or `low` <= `high`", "set low and high, or choices"))
     return problems
+
+
+def check_storage(config: JobConfig) -> list[Problem]:
+    """What the job reads exists, and every S3 bucket it reads or writes answers with the
+    credentials of the environment. Unlike the checks above this touches storage (a stat, or one
+    S3 request, per location), so it runs when a job starts (`run_cascade`, `run_tune`, the CLI
+    commands that run), before Ray does, and not in `validate_config`: a config can be checked
+    on a machine that does not see its data."""
+    probe = _StorageProbe()
+    problems: list[Problem] = []
+    data = config.data
+    benchmark = data.benchmark_root
+    if benchmark is not None and not (data.captions and data.instructions):
+        root_missing = probe.missing("data.benchmark_root", benchmark, "build it with `ckd-ray data build-kvqa <folder>`, or fix the path")
+        problems += root_missing
+        names = ("captions.json", "instructions.json", "images") + (() if data.processor else ("processor",))
+        for name in names if not root_missing else ():
+            problems += probe.missing("data.benchmark_root", storage.join(benchmark, name), "rebuild it with `ckd-ray data build-kvqa <folder>`")
+    for kind in ("captions", "instructions"):
+        for i, source in enumerate(getattr(data, kind)):
+            problems += probe.missing(f"data.{kind}[{i}].uri", source.uri, "fix the path or URI")
+            if source.image_root is not None:
+                problems += probe.missing(f"data.{kind}[{i}].image_root", source.image_root, "fix the path or URI")
+    if data.processor:
+        problems += probe.missing("data.processor", data.processor, "fix the path or URI of the tokenizer folder")
+    for role, spec in config.models.items():
+        if spec.path:
+            problems += probe.missing(f"models.{role}.path", spec.path, "fix the path or URI of the model folder")
+    problems += probe.writable("storage.root", config.storage.root)
+    if config.storage.signal_cache:
+        problems += probe.writable("storage.signal_cache", config.storage.signal_cache)
+    return problems
+
+
+class _StorageProbe:
+    """Existence checks for local paths and S3 URIs; one S3 failure per bucket is reported once."""
+
+    def __init__(self):
+        self._bucket_errors: dict[str, tuple[str, str] | None] = {}
+        self._client = None
+
+    def missing(self, field: str, uri: str, fix: str) -> list[Problem]:
+        loc = storage.parse(uri)
+        if loc.scheme == "file":
+            return [] if Path(loc.path).exists() else [Problem(field, f"{loc.path} does not exist", fix)]
+        failure = self._s3_failure(loc.bucket, loc.path)
+        if failure == ("absent", ""):
+            return [Problem(field, f"nothing at {storage.redact(uri)}", fix)]
+        return [Problem(field, *failure)] if failure else []
+
+    def writable(self, field: str, uri: str) -> list[Problem]:
+        loc = storage.parse(uri)
+        if loc.scheme == "file":
+            path = Path(loc.path)
+            if path.exists() and not path.is_dir():
+                return [Problem(field, f"{path} is a file, not a folder", "give a folder (it is created if missing)")]
+            return []
+        failure = self._s3_failure(loc.bucket, loc.path)
+        return [Problem(field, *failure)] if failure and failure[0] != "absent" else []
+
+    def _s3_failure(self, bucket: str, key: str) -> tuple[str, str] | None:
+        """None if `key` (or a key under it) exists in `bucket`; ("absent", "") if the bucket
+        answers but holds nothing there; else (what is wrong, fix). Never includes credentials."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        if bucket in self._bucket_errors and self._bucket_errors[bucket]:
+            return self._bucket_errors[bucket]
+        failure = None
+        try:
+            response = self._s3().list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+            self._bucket_errors[bucket] = None
+            return None if response.get("KeyCount", 0) > 0 else ("absent", "")
+        except NoCredentialsError:
+            failure = (f"no S3 credentials for bucket {bucket!r}",
+                       "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile) in the environment")
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchBucket", "404"):
+                failure = (f"S3 bucket {bucket!r} does not exist", "create the bucket, or fix the bucket name")
+            elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"):
+                failure = (f"S3 refused the credentials from the environment for bucket {bucket!r} ({code})",
+                           "check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (and AWS_ENDPOINT_URL)")
+            elif code in ("AccessDenied", "403", "AllAccessDisabled"):
+                failure = (f"access to S3 bucket {bucket!r} is denied ({code})",
+                           "grant these credentials s3:ListBucket, s3:GetObject and s3:PutObject on it, or use another bucket")
+            else:
+                failure = (f"S3 bucket {bucket!r} answered {code or 'an error'}", "check the bucket name and the AWS_* environment")
+        except BotoCoreError as err:  # endpoint unreachable, bad endpoint URL, ...
+            endpoint = storage.redact(os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint")
+            failure = (f"S3 is not reachable at {endpoint} for bucket {bucket!r} ({type(err).__name__})",
+                       "check AWS_ENDPOINT_URL and the network")
+        self._bucket_errors[bucket] = failure
+        return failure
+
+    def _s3(self):
+        if self._client is None:
+            from botocore.config import Config
+
+            # Few, short retries: an unreachable endpoint is a config problem, reported in seconds.
+            self._client = storage.s3_client(config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+        return self._client

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ckd_ray import storage
 from ckd_ray.config.job import JobConfig
 
 
@@ -38,21 +39,33 @@ class ConfigError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config as a dict. `extends: other.yaml` (relative to the file) is read first and
     this file's keys are deep-merged over it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError([Problem(str(path), "file not found", "give the path of a YAML file (see configs/)")]) from None
+    except IsADirectoryError:
+        raise ConfigError([Problem(str(path), "is a folder", "give the path of a YAML file (see configs/)")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(str(path), f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(str(path), f"not valid YAML: {exc}", "fix the YAML syntax")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(str(path), "nested too deeply to read", "fix the YAML structure")]) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "top level is not a mapping", "write `key: value` pairs")])
     parent = data.pop("extends", None)
-    if parent:
-        data = deep_merge(read_yaml(path.parent / parent), data)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError([Problem(f"{path}: extends", f"must be a file name, got {parent!r}", "write `extends: other.yaml`")])
+        seen = (*_extended_by, path.resolve())
+        if (path.parent / parent).resolve() in seen:
+            chain = " -> ".join(str(p) for p in (*seen, path.parent / parent))
+            raise ConfigError([Problem(f"{path}: extends", f"forms a cycle ({chain})", "remove one of the `extends:` lines")])
+        data = deep_merge(read_yaml(path.parent / parent, seen), data)
     return data
 
 
@@ -76,19 +89,29 @@ def apply_override(raw: dict, assignment: str) -> None:
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError([Problem(".".join(parts[: i + 1]), f"no list item {part!r}", f"use an index below {len(node)}")])
-            node = node[int(part)]
+            node = node[_list_index(node, part, parts[: i + 1])]
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError([Problem(".".join(parts[: i + 1]), "is a value, not a section", "override the value itself")])
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError([Problem(dotted.strip(), f"value {text!r} is not valid YAML ({problem})",
+                                   "quote it, e.g. --set 'a.b=\"text\"'")]) from None
     last = parts[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[_list_index(node, last, parts)] = value
     else:
         node[last] = value
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        fix = f"use an index below {len(node)}" if node else "the list is empty: set the whole list, e.g. --set a.b=[...]"
+        raise ConfigError([Problem(".".join(path), f"no list item {part!r}", fix)])
+    return int(part)
 
 
 def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ()) -> JobConfig:
@@ -107,12 +130,14 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
     problems), then checks the sections against each other."""
     from ckd_ray.config.checks import check_consistency
 
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(source, f"top level is a {type(raw).__name__}, not a mapping", "write `key: value` pairs")], source)
     problems: list[Problem] = []
     sections: dict[str, Any] = {}
     fields = JobConfig.model_fields
     for key in raw:
         if key not in fields:
-            problems.append(_unknown_key(key, list(fields)))
+            problems.append(_unknown_key(str(key), list(fields)))
     for name, field in fields.items():
         if name not in raw:
             if field.is_required():
@@ -159,13 +184,20 @@ def _problems_from(exc: ValidationError, prefix: tuple = ()) -> list[Problem]:
             problems.append(_unknown_key(field, known, str(loc[-1])))
         elif kind == "value_error":
             message = str(err["ctx"]["error"]) if "ctx" in err else err["msg"]
-            what, sep, fix = message.partition(": ")
-            problems.append(Problem(field, what if sep else message, fix))
+            # A section's validator lists its problems as "; "-separated "what: fix" parts, each
+            # naming its own dotted field first when it knows a more precise one.
+            for part in message.split("; "):
+                where, problem_field = part, field
+                first = part.split(" ", 1)[0].removesuffix(":")
+                if first.startswith(f"{field}.") and " " in part:
+                    problem_field, where = first, part[len(first):].removeprefix(":").strip()
+                what, sep, fix = where.partition(": ")
+                problems.append(Problem(problem_field, what if sep else where, fix))
         elif kind == "missing":
             problems.append(Problem(field, "required but not set", f"add `{loc[-1]}`"))
         else:
-            got = err.get("input")
-            problems.append(Problem(field, f"{err['msg'].lower()} (got {got!r})", _fix_for(kind, err)))
+            got = storage.redact(repr(err.get("input")))[:200]
+            problems.append(Problem(field, f"{err['msg'].lower()} (got {got})", _fix_for(kind, err)))
     return problems
 
 

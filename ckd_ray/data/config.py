@@ -84,9 +84,20 @@ class DataConfig(Section):
     max_fact_tokens: int = Field(default=12, ge=1)
     """Tokens kept per fact verbalization (`fact_token_ids` columns)."""
 
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    """Images declaring more pixels (width x height, read from the header) are rejected before
+    decoding, so a decompression bomb cannot exhaust a preprocessing task's memory."""
+
     @model_validator(mode="after")
     def _check_sources(self) -> "DataConfig":
         problems: list[str] = []
+        for uri_field in ("benchmark_root", "processor"):
+            value = getattr(self, uri_field)
+            if value is not None:
+                try:
+                    storage.uri_scheme(value)
+                except ValueError as err:
+                    problems.append(f"data.{uri_field}: {err}")
         if self.benchmark_root is None:
             for kind in ("captions", "instructions"):
                 if not getattr(self, kind):
@@ -104,7 +115,7 @@ class DataConfig(Section):
                 if source.format == "llava_json" and source.image_root is None:
                     problems.append(
                         f"{field}.image_root is not set: set it to the folder or .zip holding the images "
-                        f"that {source.uri} names"
+                        f"that {storage.redact(source.uri)} names"
                     )
                 if source.format == "parquet" and source.image_root is not None:
                     problems.append(

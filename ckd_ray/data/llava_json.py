@@ -53,7 +53,7 @@ def parse_record(raw: bytes) -> dict | None:
     """The JSON object in `raw`, or None if `raw` is not valid UTF-8 JSON holding an object."""
     try:
         value = json.loads(raw)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, 4300+-digit numbers, deep nesting
         return None
     return value if isinstance(value, dict) else None
 
@@ -143,7 +143,9 @@ def _skip_whitespace(text: str, position: int) -> int:
 def _decode_object(text: str, position: int) -> tuple[int | None, dict | None]:
     try:
         value, end = _DECODER.raw_decode(text, position)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
+        # Not JSON, or JSON Python will not decode (a number of over 4300 digits, nesting deeper
+        # than the recursion limit): the caller delimits the element by scanning instead.
         return None, None
     return end, value if isinstance(value, dict) else None
 

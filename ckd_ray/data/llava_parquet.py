@@ -56,6 +56,8 @@ def record_to_row(raw: bytes, image: bytes | None) -> dict:
         raise UnrepresentableRecord("non-utf8", f"invalid UTF-8 at byte {err.start}") from None
     except json.JSONDecodeError as err:
         raise UnrepresentableRecord("malformed-json", f"{err.msg} at character {err.pos}") from None
+    except (ValueError, RecursionError):  # a number of over 4300 digits; nesting deeper than ~1000
+        raise UnrepresentableRecord("malformed-json", "not decodable (a huge number or deep nesting)") from None
     if not isinstance(record, dict):
         raise UnrepresentableRecord("malformed-record", f"expected a JSON object, got {type(record).__name__}")
     conversations = record.get("conversations")
@@ -90,22 +92,35 @@ def record_to_row(raw: bytes, image: bytes | None) -> dict:
 
 
 def row_to_record(row: dict) -> tuple[dict, bytes | None]:
-    """The LLaVA record and image bytes of one Parquet row (the inverse of `record_to_row`)."""
+    """The LLaVA record and image bytes of one Parquet row (the inverse of `record_to_row`).
+    Raises `UnrepresentableRecord` for a row whose `metadata` or `conversations` string is not the
+    JSON it should be."""
     row = dict(row)
     image = row.pop("image", None)
     if isinstance(image, dict):  # Hugging Face `Image` feature: {bytes, path}
         row.setdefault("image_path", image.get("path"))
         image = image.get("bytes")
-    record = json.loads(row.pop("metadata", None) or "{}")
+    record = _json_column(row, "metadata", dict, "{}")
     image_path = row.pop("image_path", None)
     if isinstance(row.get("conversations"), str):
-        row["conversations"] = json.loads(row["conversations"])
+        row["conversations"] = _json_column(row, "conversations", list, "[]")
     record.update({k: v for k, v in row.items() if v is not None})
     if image_path is not None:
         record["image"] = image_path
     elif image is not None:
         record["image"] = f"{record.get('id', 'row')}.image"  # inline bytes without a name
     return record, image
+
+
+def _json_column(row: dict, name: str, kind: type, empty: str):
+    text = row.pop(name, None) or empty
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        raise UnrepresentableRecord("malformed-record", f"the `{name}` column does not hold JSON") from None
+    if not isinstance(value, kind):
+        raise UnrepresentableRecord("malformed-record", f"the `{name}` column holds a JSON {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 @dataclass(frozen=True)

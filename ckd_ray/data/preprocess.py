@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,11 @@ from ckd_ray.data.rejects import Reject
 
 IGNORE_INDEX = -100
 FACT_PAD = -1
+# A record with more characters than this per token it may hold (the sequence plus every fact
+# row) is over-length whatever the tokenizer: tokenizing it first would cost about 450 bytes per
+# character (a 10^6-character record took 450 MB), so it is rejected before. Natural text runs
+# at 3-5 characters per token; 32 leaves room for long runs of spaces or symbols.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class RecordRejected(Exception):
@@ -71,10 +77,16 @@ class InputLimits:
     over_length: Literal["truncate", "reject"] = "truncate"
     max_facts: int = 8
     max_fact_tokens: int = 12
+    max_image_pixels: int = 4096 * 4096
 
     @classmethod
     def from_config(cls, config) -> "InputLimits":
-        return cls(config.max_length, config.over_length, config.max_facts, config.max_fact_tokens)
+        return cls(config.max_length, config.over_length, config.max_facts, config.max_fact_tokens, config.max_image_pixels)
+
+    @property
+    def max_chars(self) -> int:
+        """Characters (turns and facts together) above which a record cannot fit: see MAX_CHARS_PER_TOKEN."""
+        return (self.max_length + self.max_facts * self.max_fact_tokens) * MAX_CHARS_PER_TOKEN
 
 
 def check_record(raw: bytes) -> CheckedRecord:
@@ -87,6 +99,8 @@ def check_record(raw: bytes) -> CheckedRecord:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         raise RecordRejected("malformed-json", f"{err.msg} at character {err.pos}") from None
+    except (ValueError, RecursionError) as err:  # a number of over 4300 digits; nesting deeper than ~1000
+        raise RecordRejected("malformed-json", f"not decodable: {_json_limit(err)}") from None
     if not isinstance(record, dict):
         raise RecordRejected("malformed-record", f"expected a JSON object, got {type(record).__name__}")
     raw_id = record.get("id")
@@ -99,7 +113,8 @@ def check_record(raw: bytes) -> CheckedRecord:
     if not isinstance(conversations, list) or not conversations:
         raise reject("malformed-record", "`conversations` must be a non-empty list of {from, value} turns")
     for k, turn in enumerate(conversations):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in ROLES or not isinstance(turn.get("value"), str):
             raise reject("malformed-record", f"conversations[{k}] must be {{'from': human|gpt|system, 'value': <text>}}")
         try:
             turn["value"].encode("utf-8")
@@ -141,9 +156,13 @@ def check_record(raw: bytes) -> CheckedRecord:
     )
 
 
-def decode_image(data: bytes | None, image_path: str | None):
+def decode_image(data: bytes | None, image_path: str | None, max_pixels: int = InputLimits.max_image_pixels):
     """The RGB image in `data` (None for a text-only record); raises `RecordRejected` when it is
-    absent or does not decode."""
+    absent, does not decode, or declares more than `max_pixels` pixels.
+
+    The size is read from the header before anything is decoded: a decompression bomb (a few KB
+    of PNG declaring 12000 x 12000 pixels) would otherwise take 700 MB here, and PIL's own guard
+    only refuses images of over 179M pixels."""
     from PIL import Image
 
     if image_path is None:
@@ -151,11 +170,30 @@ def decode_image(data: bytes | None, image_path: str | None):
     if data is None:
         raise RecordRejected("missing-image", f"no image bytes for {image_path!r}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            # PIL warns from 89M pixels and refuses from 179M; the limit below is the one that holds.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise _too_large(image_path, f"{width} x {height} = {width * height:,}", max_pixels, len(data))
             image.load()  # decode now: a truncated file fails here, not inside the image processor
             return image.convert("RGB")
+    except RecordRejected:
+        raise
+    except Image.DecompressionBombError as err:  # over PIL's own limit: refused by PIL before its size is known to us
+        raise _too_large(image_path, str(err).split(" pixels")[0].removeprefix("Image size ("), max_pixels, len(data)) from None
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise RecordRejected("corrupt-image", f"{image_path!r} does not decode: {type(err).__name__}: {err}") from None
+
+
+def _too_large(image_path: str, size: str, max_pixels: int, num_bytes: int) -> RecordRejected:
+    return RecordRejected(
+        "image-too-large",
+        f"{image_path!r} declares {size} pixels, more than data.max_image_pixels={max_pixels:,} "
+        f"({num_bytes:,} bytes on disk): downscale the image, or raise data.max_image_pixels",
+    )
 
 
 @dataclass
@@ -186,7 +224,8 @@ def preprocess_rows(rows: dict[str, np.ndarray], processor: Processor, limits: I
                 reason, _, detail = str(rows["read_error"][row]).partition(": ")
                 raise RecordRejected(reason, detail, _guess_id(rows["record"][row]))
             record = check_record(rows["record"][row])
-            checked.append(_Sample(row, record, decode_image(rows["image"][row], record.image_path)))
+            _check_num_chars(record, limits)
+            checked.append(_Sample(row, record, decode_image(rows["image"][row], record.image_path, limits.max_image_pixels)))
         except RecordRejected as err:
             reject(row, err, record.sample_id if record else None)
 
@@ -223,6 +262,17 @@ def preprocess_rows(rows: dict[str, np.ndarray], processor: Processor, limits: I
     }
     columns.update(_fact_columns([r.facts for r in records], processor, limits))
     return columns, rejects, truncated
+
+
+def _check_num_chars(record: CheckedRecord, limits: InputLimits) -> None:
+    num_chars = sum(len(turn["value"]) for turn in record.conversations) + sum(len(text) for text, _ in record.facts)
+    if num_chars > limits.max_chars:
+        raise RecordRejected(
+            "over-length",
+            f"{num_chars:,} characters: more than {MAX_CHARS_PER_TOKEN} per token of data.max_length={limits.max_length} "
+            f"plus the fact rows ({limits.max_chars:,}), so it cannot fit; rejected before tokenizing",
+            record.sample_id,
+        )
 
 
 def _assemble(
@@ -315,7 +365,13 @@ def _guess_id(raw: bytes) -> str | None:
     """The record's `id` if it can be read at all (invalid UTF-8 replaced), for the rejects file."""
     try:
         value = json.loads(raw.decode("utf-8", "replace"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     sample_id = value.get("id") if isinstance(value, dict) else None
     return str(sample_id) if isinstance(sample_id, (str, int)) else None
+
+
+def _json_limit(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err).split(";")[0]  # "Exceeds the limit (4300 digits) for integer string conversion: ..."

@@ -15,8 +15,9 @@ MAX_RECORD_CHARS = 2000  # a rejected record is kept as a repr truncated to this
 @dataclass(frozen=True)
 class Reject:
     """One skipped record: where it came from, why, and (a truncated repr of) what it was.
-    `reason` is a short code (`missing-image`, `corrupt-image`, `malformed-json`, `malformed-record`,
-    `no-response`, `image-placeholders`, `non-utf8`, `over-length`); `detail` says more."""
+    `reason` is a short code (`missing-image`, `image-outside-root`, `corrupt-image`, `image-too-large`,
+    `malformed-json`, `malformed-record`, `no-response`, `image-placeholders`, `non-utf8`,
+    `over-length`); `detail` says more."""
 
     source: str
     ordinal: int

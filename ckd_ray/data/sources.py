@@ -11,7 +11,9 @@ a pass reads (the denominator of the reject fraction) is known up front.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import posixpath
 import zipfile
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import numpy as np
 from ckd_ray import storage
 from ckd_ray.data.config import SourceConfig
 from ckd_ray.data.llava_json import iter_json_records, parse_record
-from ckd_ray.data.llava_parquet import row_to_record
+from ckd_ray.data.llava_parquet import UnrepresentableRecord, row_to_record
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 UNLABELED = 3  # the record has no (valid) `split` key
@@ -274,24 +276,43 @@ def _merge_units(units: list[dict], rng: np.random.Generator) -> dict:
     return {"parts": parts, "order": order, "ordinals": ordinals[order], "uris": sorted({p["uri"] for p in parts})}
 
 
+class UnreadableImage(Exception):
+    """An image a record names that cannot be read; `reason` is the record's reject code:
+    `missing-image` (no such file, a folder, an impossible name) or `image-outside-root` (`..`,
+    an absolute path, or a symlink leading out of the image root)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
 class ImageStore:
-    """Reads the images records name, from a folder or a `.zip` archive, local or on S3. Keeps the
-    last image read: questions about one image sit next to each other in LLaVA-style files."""
+    """Reads the images records name, from a folder or a `.zip` archive, local or on S3, and never
+    outside that root. Keeps the last image read: questions about one image sit next to each
+    other in LLaVA-style files."""
 
     def __init__(self, root: str):
         self.root = root
         self._fs, self._path = storage.arrow_filesystem(root)
+        self._local = not storage.is_s3(root)
+        self._real_root = os.path.realpath(self._path) if self._local else None
         self._zip: zipfile.ZipFile | None = None
         self._zip_handle = None
         self._last: tuple[str, bytes] | None = None
 
     def read(self, name: str) -> bytes:
-        """The bytes of image `name` (relative to the root); FileNotFoundError if it is not there."""
+        """The bytes of image `name` (relative to the root); `UnreadableImage` if it is not there,
+        is not a file, or lies outside the root."""
         if self._last is not None and self._last[0] == name:
             return self._last[1]
+        if "\x00" in name or not name.strip():
+            raise UnreadableImage("missing-image", f"{name!r} is not a file name")
         relative = posixpath.normpath(name.replace("\\", "/"))
         if relative.startswith("../") or relative == ".." or posixpath.isabs(relative):
-            raise FileNotFoundError(f"{name!r} points outside the image root {self.root}")
+            raise UnreadableImage("image-outside-root", f"{name!r} points outside the image root {self.root}")
         data = self._read_zip(relative) if self.root.lower().endswith(".zip") else self._read_file(relative)
         self._last = (name, data)
         return data
@@ -304,9 +325,11 @@ class ImageStore:
         try:
             return self._zip.read(relative)
         except KeyError:
-            raise FileNotFoundError(f"{relative!r} is not in {self.root}") from None
+            raise UnreadableImage("missing-image", f"{relative!r} is not in {self.root}") from None
 
     def _read_file(self, relative: str) -> bytes:
+        if self._local:
+            return self._read_local_file(relative)
         import pyarrow.fs as pafs
 
         path = f"{self._path.rstrip('/')}/{relative}"
@@ -315,8 +338,28 @@ class ImageStore:
                 return handle.read()
         except OSError:
             # Only a confirmed absence is a missing image; a network error stays an error.
-            if self._fs.get_file_info(path).type == pafs.FileType.NotFound:
-                raise FileNotFoundError(f"{relative!r} not found in {self.root}") from None
+            kind = self._fs.get_file_info(path).type
+            if kind == pafs.FileType.NotFound:
+                raise UnreadableImage("missing-image", f"{relative!r} not found in {self.root}") from None
+            if kind == pafs.FileType.Directory:
+                raise UnreadableImage("missing-image", f"{relative!r} is a folder in {self.root}, not an image file") from None
+            raise
+
+    def _read_local_file(self, relative: str) -> bytes:
+        # Symlinks are resolved before the check: a link inside the root may lead anywhere.
+        real = os.path.realpath(os.path.join(self._path, relative))
+        if os.path.commonpath([real, self._real_root]) != self._real_root:
+            raise UnreadableImage("image-outside-root", f"{relative!r} is a symlink to {real}, outside the image root {self.root}")
+        try:
+            with open(real, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise UnreadableImage("missing-image", f"{relative!r} not found in {self.root}") from None
+        except IsADirectoryError:
+            raise UnreadableImage("missing-image", f"{relative!r} is a folder in {self.root}, not an image file") from None
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise UnreadableImage("missing-image", f"{relative[:80]!r}... is too long for a file name") from None
             raise
 
     def close(self) -> None:
@@ -398,8 +441,8 @@ def _read_json_task(task: dict):
             if value is not None and isinstance(value.get("image"), str):
                 try:
                     image = store.read(value["image"])
-                except FileNotFoundError as err:
-                    error = f"missing-image: {err}"
+                except UnreadableImage as err:
+                    error = str(err)
             records.append(raw)
             images.append(image)
             errors.append(error)
@@ -414,9 +457,16 @@ def _read_parquet_task(task: dict):
     with fs.open_input_file(path) as handle:
         table = pq.ParquetFile(handle).read_row_group(task["row_group"])
     rows = table.take(pa.array(task["rows"])).to_pylist()
-    records, images = [], []
+    records, images, errors = [], [], []
     for row in rows:
-        record, image = row_to_record(row)
-        records.append(json.dumps(record).encode())
-        images.append(image)
-    return records, images, [""] * len(rows)
+        try:
+            record, image = row_to_record(row)
+            records.append(json.dumps(record).encode())
+            images.append(image)
+            errors.append("")
+        except (UnrepresentableRecord, TypeError, ValueError) as err:  # TypeError: a column JSON cannot hold (bytes)
+            reason, detail = (err.reason, err.detail) if isinstance(err, UnrepresentableRecord) else ("malformed-record", f"not a LLaVA record: {err}")
+            records.append(repr({k: v for k, v in row.items() if k != "image"}).encode())
+            images.append(None)
+            errors.append(f"{reason}: {detail}")
+    return records, images, errors

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from ckd_ray import storage
 from ckd_ray.config.base import Section
 
 
@@ -35,6 +36,8 @@ class ModelSpec(Section):
     def _one_source(self) -> "ModelSpec":
         if (self.preset is None) == (self.path is None):
             raise ValueError("set exactly one of `preset` (a built-in tiny model) or `path` (a model directory)")
+        if self.path is not None:
+            storage.uri_scheme(self.path)  # raises ValueError naming the scheme and the accepted ones
         return self
 
     @property

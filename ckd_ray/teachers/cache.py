@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import partial
 import time
 import uuid
@@ -52,6 +53,11 @@ def cache_key(data_fingerprint: str, teacher_hash: str, spec_fingerprint: str) -
     return f"t{teacher_hash}-s{spec_fingerprint}-d{data_fingerprint}"
 
 
+class CorruptCacheEntry(RuntimeError):
+    """A cache entry holds what the cache never writes (a marker that is not its JSON, a file
+    that is not Parquet): it is refused, never partly read."""
+
+
 class SignalCache:
     """Entries under `root_uri` (local or s3://), one folder per key."""
 
@@ -66,16 +72,22 @@ class SignalCache:
         marker = self._marker_uri(key)
         if not storage.exists(marker):
             return None
-        return json.loads(storage.read_bytes(marker))
+        try:
+            entry = json.loads(storage.read_bytes(marker))
+        except (ValueError, RecursionError):
+            entry = None
+        if not isinstance(entry, dict) or not re.fullmatch(r"parts-[0-9a-f]+", str(entry.get("parts"))):
+            raise CorruptCacheEntry(
+                f"signal cache marker {marker} is not the JSON this cache writes: delete "
+                f"{storage.join(self.root_uri, key)} (the next step recomputes the teacher pass)"
+            )
+        return entry
 
     def read(self, key: str):
         """The entry's rows in the order they were written, one read task per Parquet file. The
         files are listed here, on the caller (read_parquet's listing task cost seconds before the
         first batch of every step that reads the cache)."""
         import pyarrow.dataset as pads
-        import ray.data
-        from ray.data.block import BlockMetadata
-        from ray.data.datasource import Datasource, ReadTask
 
         entry = self.lookup(key)
         if entry is None:
@@ -83,7 +95,20 @@ class SignalCache:
         parts_uri = storage.join(self.root_uri, key, entry["parts"])
         filesystem, path = storage.arrow_filesystem(parts_uri)
         files = sorted(pads.dataset(path, filesystem=filesystem, format="parquet").files)  # written with ordered names
+        foreign = [file.rsplit("/", 1)[-1] for file in files if not file.endswith(".parquet")]
+        if foreign:
+            # Only Parquet is ever read from the cache; a pickle or anything else in an entry was
+            # not written by it, so the entry is refused rather than partly read.
+            raise CorruptCacheEntry(
+                f"signal cache entry {parts_uri} holds files this cache never writes ({', '.join(foreign[:5])}): "
+                f"the cache is read as Parquet only and never unpickled; delete {storage.join(self.root_uri, key)} "
+                "(the next step recomputes the teacher pass)"
+            )
         uris = [storage.join(parts_uri, file.rsplit("/", 1)[-1]) for file in files]
+
+        import ray.data  # after the checks: a refused entry costs no Ray import
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
 
         class CacheEntryFiles(Datasource):
             def estimate_inmemory_data_size(self):

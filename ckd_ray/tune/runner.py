@@ -30,7 +30,9 @@ from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
-from ckd_ray.cascade.runner import CascadeResult, _initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress
+from ckd_ray.cascade.runner import (
+    CascadeResult, _initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress, raise_storage_problems,
+)
 from ckd_ray.cascade.signal import attach_teacher_signal
 from ckd_ray.cascade.steps import prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig
@@ -90,6 +92,7 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     problems = check_tune(job)
     if problems:
         raise ConfigError(problems, "tune")
+    raise_storage_problems(job)
     check_model_folders(job)
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
