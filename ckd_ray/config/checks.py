@@ -237,7 +237,7 @@ def check_storage(config: JobConfig) -> list[Problem]:
     S3 request, per location), so it runs when a job starts (`run_cascade`, `run_tune`, the CLI
     commands that run), before Ray does, and not in `validate_config`: a config can be checked
     on a machine that does not see its data."""
-    probe = _StorageProbe()
+    probe = _StorageProbe(submitted_job_working_dir())
     problems: list[Problem] = []
     data = config.data
     benchmark = data.benchmark_root
@@ -260,20 +260,60 @@ def check_storage(config: JobConfig) -> list[Problem]:
     problems += probe.writable("storage.root", config.storage.root)
     if config.storage.signal_cache:
         problems += probe.writable("storage.signal_cache", config.storage.signal_cache)
+    return problems + submitted_job_problems(config)
+
+
+def submitted_job_working_dir() -> Path | None:
+    """The folder a `ray job submit --working-dir` job runs in (Ray's uploaded copy of the
+    submitter's folder, read from the job config Ray's job supervisor hands its driver), or None
+    outside such a job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {} if raw else {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if isinstance(runtime_env, dict) and runtime_env.get("working_dir") else None
+
+
+def submitted_job_problems(config: JobConfig, working_dir: Path | None = None) -> list[Problem]:
+    """Outputs that a submitted job would write into its uploaded working directory: Ray deletes
+    that copy when the job ends and every node has its own, so checkpoints written there by one
+    node are lost to the others. Paths are resolved at load against the directory the command runs
+    in, which for a submitted job is that copy: a relative `storage.root: runs` lands there."""
+    working_dir = working_dir or submitted_job_working_dir()
+    if working_dir is None:
+        return []
+    problems = []
+    for field, uri in (("storage.root", config.storage.root), ("storage.signal_cache", config.storage.signal_cache)):
+        loc = storage.parse(uri) if uri else None
+        if loc is not None and loc.scheme == "file" and Path(loc.path).resolve().is_relative_to(working_dir):
+            problems.append(Problem(
+                field,
+                f"{loc.path} is inside this submitted job's copy of its working directory ({working_dir}), which Ray "
+                "deletes when the job ends and which each node holds separately",
+                f"give an s3:// URI or an absolute path on storage every node shares, e.g. --set {field}=s3://bucket/runs",
+            ))
     return problems
 
 
 class _StorageProbe:
     """Existence checks for local paths and S3 URIs; one S3 failure per bucket is reported once."""
 
-    def __init__(self):
+    def __init__(self, job_working_dir: Path | None = None):
+        self.job_working_dir = job_working_dir
         self._bucket_errors: dict[str, tuple[str, str] | None] = {}
         self._client = None
 
     def missing(self, field: str, uri: str, fix: str) -> list[Problem]:
         loc = storage.parse(uri)
         if loc.scheme == "file":
-            return [] if Path(loc.path).exists() else [Problem(field, f"{loc.path} does not exist", fix)]
+            if Path(loc.path).exists():
+                return []
+            if self.job_working_dir and Path(loc.path).resolve().is_relative_to(self.job_working_dir):
+                fix = (f"{fix}; this submitted job runs in Ray's upload of its working directory, which leaves out the "
+                       "runtime_env's excludes (jobs/runtime_env.yaml excludes data/ and runs/): give an absolute "
+                       "path every node can read, or an s3:// URI")
+            return [Problem(field, f"{loc.path} does not exist", fix)]
         failure = self._s3_failure(loc.bucket, loc.path)
         if failure == ("absent", ""):
             return [Problem(field, f"nothing at {storage.redact(uri)}", fix)]

@@ -267,3 +267,21 @@ def test_ckd_ray_process_prints_problems_not_a_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "2 problems in" in done.stderr
     assert "loss.temperature: input should be greater than 0 (got 0) -> fix: give a value greater than 0" in done.stderr
+
+
+def test_a_submitted_job_may_not_write_into_its_uploaded_working_dir(tmp_path, monkeypatch):
+    """Inside `ray job submit --working-dir .` the command runs in Ray's copy of the folder: a
+    relative storage.root resolves into it and would be deleted with the job."""
+    copy = tmp_path / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}')
+    config = validate_config(job(storage={"root": "runs", "signal_cache": str(tmp_path / "shared-cache")}))
+    found = {p.field: str(p) for p in check_storage(config)}
+    assert sorted(found) == ["data.benchmark_root", "storage.root"], found
+    assert f"{copy}/data/kvqa does not exist" in found["data.benchmark_root"]
+    assert "leaves out the runtime_env's excludes" in found["data.benchmark_root"]
+    assert f"{copy}/runs is inside this submitted job's copy of its working directory" in found["storage.root"]
+    assert "--set storage.root=s3://bucket/runs" in found["storage.root"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # the same config run by hand: only the data is missing
+    assert [p.field for p in check_storage(config)] == ["data.benchmark_root"]
