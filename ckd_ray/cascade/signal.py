@@ -44,19 +44,19 @@ def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri
     source = TeacherSource(teacher_uri, vocab, job.models[planned.teacher].trust_remote_code,
                            job.models[planned.teacher].dtype, labels, job.observability.gpu_poll_seconds)
     if not job.teacher_pool.use_cache:
-        log(f"[cascade]   teacher pool {planned.teacher!r} streams its signal into training (cache off)")
+        log(f"[cascade]   {planned.step_id}: teacher pool {planned.teacher!r} streams its signal into training (cache off)")
         return add_teacher_stage(dataset, source, spec, job.teacher_pool), spec, {"source": "teacher pool (streamed)"}
     cache = SignalCache(job.signal_cache_uri)
     key = cache_key(data.fingerprint(planned), teacher_checkpoint_hash(teacher_uri), spec_fingerprint(spec, vocab))
     if cache.lookup(key):
-        log(f"[cascade]   teacher signal: cache hit {key}")
+        log(f"[cascade]   {planned.step_id}: teacher signal from the cache ({key})")
         return cache.read(key), spec, {"source": "cache hit", "key": key}
-    log(f"[cascade]   teacher pool {planned.teacher!r}: one pass over the step's data -> cache {key}")
+    log(f"[cascade]   {planned.step_id}: teacher pool {planned.teacher!r}, one pass over the step's data -> cache {key}")
     start = time.perf_counter()
     entry = cache.write(add_teacher_stage(dataset, source, spec, job.teacher_pool), key,
                         {"teacher_uri": teacher_uri, "spec": spec.model_dump(mode="json"), "shared_vocab": vocab})
     seconds = time.perf_counter() - start
     rate = entry["num_rows"] / seconds if seconds else 0.0
-    log(f"[cascade]   teacher pass: {entry['num_rows']} samples in {seconds:.1f} s ({rate:.1f} samples/s)")
+    log(f"[cascade]   {planned.step_id}: teacher pass, {entry['num_rows']} samples in {seconds:.1f} s ({rate:.1f} samples/s)")
     return cache.read(key), spec, {"source": "teacher pool", "key": key, "samples": entry["num_rows"],
                              "seconds": round(seconds, 2), "samples_per_s": round(rate, 2)}

@@ -169,47 +169,88 @@ def prepare_step(job: JobConfig, planned, data, *, init_model_uri: str, teacher_
     `trainer_job`'s trainer settings; each defaults to `planned` / `job`. `vocab_learner_uri`: an
     existing folder of the learner, for the tokenizer check (the learner's `init_model_uri` may
     be a model the group has yet to train)."""
-    from ckd_ray.cascade.signal import attach_teacher_signal
+    return _attach_signal(_plan_data(
+        job, planned, data, init_model_uri=init_model_uri, teacher_uri=teacher_uri, vocab_learner_uri=vocab_learner_uri,
+        export_uri=export_uri, checkpoint_prefix=checkpoint_prefix, log=log, signal_planned=signal_planned,
+        trained=trained, trainer_job=trainer_job, with_validation=with_validation, val_dataset=val_dataset,
+    ))
 
+
+@dataclass
+class _StepDraft:
+    """A step whose datasets are planned and whose teacher signal is still to attach."""
+
+    job: JobConfig
+    planned: object
+    data: object
+    train_dataset: object
+    num_rows: int
+    val_dataset: object
+    phases: dict[str, float]
+    options: dict
+
+
+def _plan_data(job: JobConfig, planned, data, *, with_validation: bool, val_dataset, **options) -> _StepDraft:
     started = time.perf_counter()
     train_dataset, num_rows = data.train(planned)
     if with_validation and val_dataset is None:
         val_dataset = data.validation(planned)
-    phases = {"data_planning": time.perf_counter() - started}
+    return _StepDraft(job, planned, data, train_dataset, num_rows, val_dataset,
+                      {"data_planning": time.perf_counter() - started}, options)
+
+
+def _attach_signal(draft: _StepDraft) -> PreparedStep:
+    """The teacher signal (distillation steps) and the resolved StepPlan; reads nothing of
+    `draft.data` but its fingerprint, so drafts of one segment can attach concurrently."""
+    from ckd_ray.cascade.signal import attach_teacher_signal
+
+    job, planned, options = draft.job, draft.planned, draft.options
+    train_dataset, num_rows, phases = draft.train_dataset, draft.num_rows, dict(draft.phases)
     teacher_pass, decoder = {}, None
+    trained = options["trained"] or planned
     if planned.distills:
         started = time.perf_counter()
         train_dataset, spec, teacher_pass = attach_teacher_signal(
-            job, signal_planned or planned, teacher_uri, vocab_learner_uri, train_dataset, data, log
+            job, options["signal_planned"] or planned, options["teacher_uri"], options["vocab_learner_uri"], train_dataset,
+            draft.data, options["log"],
         )
         phases["teacher_pass"] = time.perf_counter() - started
-        decoder = default_signal_decoder(job, (trained or planned).loss.attention_layers, spec)
+        decoder = default_signal_decoder(job, trained.loss.attention_layers, spec)
         num_rows = teacher_pass.get("samples", num_rows)
-    trained = trained or planned
-    plan = plan_step(trainer_job or job, trained.stage, trained.step, init_model_uri=init_model_uri, num_train_samples=num_rows,
-                     export_uri=export_uri, step_id=planned.step_id, checkpoint_prefix=checkpoint_prefix,
-                     has_validation=val_dataset is not None)
-    return PreparedStep(planned, TrainStep(plan, train_dataset, val_dataset, decoder), teacher_pass, phases,
-                        teacher_uri if planned.distills else None)
+    plan = plan_step(options["trainer_job"] or job, trained.stage, trained.step, init_model_uri=options["init_model_uri"],
+                     num_train_samples=num_rows, export_uri=options["export_uri"], step_id=planned.step_id,
+                     checkpoint_prefix=options["checkpoint_prefix"], has_validation=draft.val_dataset is not None)
+    return PreparedStep(planned, TrainStep(plan, train_dataset, draft.val_dataset, decoder), teacher_pass, phases,
+                        options["teacher_uri"] if planned.distills else None)
 
 
 def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], *, output_uri: str, log,
                     suffix: str = "") -> list[PreparedStep]:
-    """Prepares a segment's steps in order. Each step starts from `roles[learner]` and moves it
-    to its own export, `<output_uri>/steps/<step_id><suffix>/model`, so the next step of the
-    learner starts from a model the group has yet to train (`roles` is updated in place)."""
+    """Prepares a segment's steps. Each step starts from `roles[learner]` and moves it to its own
+    export, `<output_uri>/steps/<step_id><suffix>/model`, so the next step of the learner starts
+    from a model the group has yet to train (`roles` is updated in place). The datasets are
+    planned in order on this thread; the teacher passes then run `teacher_pool.concurrent_passes`
+    at a time: a segment's teachers are never trained inside it (`split_segments`), so its passes
+    do not depend on each other, and one pass alone leaves cores (or a teacher's GPUs) idle."""
     existing = dict(roles)
-    prepared = []
+    drafts = []
     for planned in segment:
         record_id = f"{planned.step_id}{suffix}"
         export_uri = storage.join(output_uri, "steps", record_id, EXPORT_FOLDER)
-        prepared.append(prepare_step(
-            job, planned, data, init_model_uri=roles[planned.learner],
+        drafts.append(_plan_data(
+            job, planned, data, with_validation=True, val_dataset=None, init_model_uri=roles[planned.learner],
             teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
             vocab_learner_uri=existing[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{record_id}/", log=log,
+            signal_planned=None, trained=None, trainer_job=None,
         ))
         roles[planned.learner] = export_uri
-    return prepared
+    passes = sum(1 for draft in drafts if draft.planned.distills)
+    if passes <= 1 or job.teacher_pool.concurrent_passes <= 1:
+        return [_attach_signal(draft) for draft in drafts]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(passes, job.teacher_pool.concurrent_passes), thread_name_prefix="teacher-pass") as pool:
+        return list(pool.map(_attach_signal, drafts))
 
 
 def split_segments(plan: list) -> list[list]:

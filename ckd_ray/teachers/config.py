@@ -32,7 +32,8 @@ class SignalSpec(Section):
 
 
 class TeacherPoolConfig(Section):
-    """One Ray actor pool per teacher; only the current stage's pool is alive."""
+    """One Ray actor pool per teacher pass; the passes of a worker group's steps run
+    `concurrent_passes` at a time, before the group trains on them."""
 
     num_gpus: float = Field(0.0, ge=0.0)
     """GPUs per teacher actor (fractions share a GPU)."""
@@ -47,6 +48,9 @@ class TeacherPoolConfig(Section):
     resources: dict[str, float] = {}
     """Custom Ray resources per actor, e.g. {teacher_gpu: 1} so actors land on the teacher node
     type of cluster/autoscaler-aws.yaml (empty: any node with the CPUs/GPUs)."""
+    concurrent_passes: int = Field(2, ge=1)
+    """Teacher passes (each its own pool of min..max actors) run at once when a segment of steps
+    needs several: passes of one segment never depend on each other. 1 runs them one by one."""
     use_cache: bool = True
     """Write each teacher pass to the signal cache and train from it (Tune trials and resubmitted
     jobs reuse it); false streams the signal straight into training."""
