@@ -137,6 +137,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     s3_client().put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
 
 
+def delete(uri: str) -> None:
+    """Removes one file or object; nothing happens if it is not there."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        Path(loc.path).unlink(missing_ok=True)
+        return
+    s3_client().delete_object(Bucket=loc.bucket, Key=loc.path)
+
+
 def _s3_objects(loc: Location):
     paginator = s3_client().get_paginator("list_objects_v2")
     prefix = loc.path.rstrip("/") + "/" if loc.path else ""

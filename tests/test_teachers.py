@@ -185,3 +185,32 @@ def test_bytes_per_sample_at_paper_scale():
     assert parts["gram"] == 729 * 729 * 2
     assert parts["total"] == 2 * (2048 * 64 * 6 + 2048 * 4) + 729 * 729 * 2 == 2_652_130
     assert full / parts["total"] > 450  # 1.24 GB of fp32 logits vs 2.65 MB of signal
+
+
+@pytest.mark.ray
+def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_the_waiter(ray_local, tmp_path):
+    """A deferred pass (the cascade runs a segment's passes while its group trains): the reader
+    made before the entry exists lists its files only once they are written, and a waiter of a
+    pass that fails gets the pass's error instead of waiting forever."""
+    import ray.data
+
+    from ckd_ray.cascade.steps import TeacherPasses
+    from ckd_ray.teachers.cache import SignalCache, TeacherPassFailed
+
+    cache = SignalCache(str(tmp_path / "cache"))
+    reader = cache.read("good", when_written=True)  # before the entry exists
+    rows = ray.data.from_items([{"sample_id": f"s{i}", "x": i} for i in range(6)])
+
+    def fail(batch):
+        raise ValueError("the teacher ran out of memory")
+
+    passes = TeacherPasses([lambda: cache.write(rows, "good", {}), lambda: cache.write(rows.map_batches(fail), "bad", {})], 2)
+    cache.wait_for("good")
+    assert reader.take_all() == cache.read("good").take_all()  # the rows, in the order a read made afterwards gives
+    assert sorted(row["x"] for row in reader.take_all()) == list(range(6))
+    with pytest.raises(TeacherPassFailed, match="the teacher pass writing signal cache entry bad failed: .*UserCodeException"):
+        cache.wait_for("bad")
+    with pytest.raises(Exception, match="the teacher ran out of memory"):
+        passes.join()  # the driver gets the pass's own error, with its traceback
+    cache.clear_failure("bad")  # a new run forgets it before it waits again
+    assert cache.lookup("bad") is None and not (tmp_path / "cache" / "bad" / "_FAILED.json").exists()

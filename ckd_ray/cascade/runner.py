@@ -19,7 +19,7 @@ from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
-from ckd_ray.cascade.steps import prepare_segment, split_segments
+from ckd_ray.cascade.steps import TeacherPasses, prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig, RayConfig
 from ckd_ray.evaluate import evaluate_model, knowledge_preservation
 from ckd_ray.train.run import RUN_FOLDER
@@ -138,8 +138,9 @@ def _label(plan: list[PlannedStep], planned: PlannedStep) -> str:
 
 def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: list[PlannedStep], manifest: Manifest, data: StepData, histories, metrics,
                    log, progress: bool) -> None:
-    """Prepares the segment's steps on the driver (data plans, teacher passes), then trains them
-    on one worker group, recording each step in the manifest as the group reports it. The
+    """Prepares the segment's steps on the driver (data plans), then trains them on one worker
+    group while the teacher passes they need run beside it (`TeacherPasses`: a step's workers
+    wait for its own pass only), recording each step in the manifest as the group reports it. The
     stages that end in the segment are evaluated after it: on a small machine an evaluation
     beside the training group only takes its cores, and each step's phases stay its own."""
     from ckd_ray.train.run import read_step_result, run_steps
@@ -147,7 +148,8 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     run_uri = job.run_uri
     # Named after the segment's first step, pending or not: a resubmission finds the same folder.
     segment_name = f"{RUN_FOLDER}/{segment[0].step_id}"
-    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log)
+    passes: list = []  # the teacher passes still to run: they run while the group starts and trains
+    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log, deferred=passes)
     prepared = {planned.step_id: step for planned, step in zip(pending, steps)}
     by_id = {planned.step_id: planned for planned in pending}
     clock = {"last": None}
@@ -177,7 +179,14 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
             _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log)
 
     steps = [prepared[p.step_id].train_step for p in pending]
-    results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event)
+    teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes)
+    try:
+        results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event)
+    except BaseException:
+        if teacher_passes.errors:  # workers that waited for a failed pass stop with its error: name the pass's own
+            raise teacher_passes.errors[0] from None
+        raise
+    teacher_passes.join()
     for planned, result in zip(pending, results):  # steps whose events were lost (a restart) are recorded here
         if not manifest.done(planned.step_id):
             _record_done(job, plan, planned, prepared[planned.step_id], {}, result, manifest, data, histories, metrics, clock, log)

@@ -35,9 +35,13 @@ def shared_vocab(learner_uri: str, teacher_uri: str) -> int:
                              teacher_fingerprint=teacher.tokenizer_fingerprint, tokenizer_len=learner.tokenizer_length)
 
 
-def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri: str, dataset, data, log):
+def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri: str, dataset, data, log,
+                          deferred: list | None = None):
     """(dataset with `sig_*` columns, the signal spec it carries, a description of the teacher
-    pass for the manifest)."""
+    pass for the manifest). With `deferred` (a list), a pass the cache does not hold yet is not
+    run here: a callable that runs it is appended, and the dataset returned reads the cache
+    entry once the pass has written it (a worker waits for it; see `SignalCache.read`). The
+    description is completed when the pass ends."""
     spec = step_signal_spec(job, planned)
     vocab = shared_vocab(learner_uri, teacher_uri)
     labels = {"job": job.name, "stage": planned.stage.label, "step": planned.kind, "pool": planned.teacher}
@@ -51,12 +55,21 @@ def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri
     if cache.lookup(key):
         log(f"[cascade]   {planned.step_id}: teacher signal from the cache ({key})")
         return cache.read(key), spec, {"source": "cache hit", "key": key}
-    log(f"[cascade]   {planned.step_id}: teacher pool {planned.teacher!r}, one pass over the step's data -> cache {key}")
-    start = time.perf_counter()
-    entry = cache.write(add_teacher_stage(dataset, source, spec, job.teacher_pool), key,
-                        {"teacher_uri": teacher_uri, "spec": spec.model_dump(mode="json"), "shared_vocab": vocab})
-    seconds = time.perf_counter() - start
-    rate = entry["num_rows"] / seconds if seconds else 0.0
-    log(f"[cascade]   {planned.step_id}: teacher pass, {entry['num_rows']} samples in {seconds:.1f} s ({rate:.1f} samples/s)")
-    return cache.read(key), spec, {"source": "teacher pool", "key": key, "samples": entry["num_rows"],
-                             "seconds": round(seconds, 2), "samples_per_s": round(rate, 2)}
+    teacher_pass = {"source": "teacher pool", "key": key}
+
+    def run_pass() -> None:
+        log(f"[cascade]   {planned.step_id}: teacher pool {planned.teacher!r}, one pass over the step's data -> cache {key}")
+        start = time.perf_counter()
+        entry = cache.write(add_teacher_stage(dataset, source, spec, job.teacher_pool), key,
+                            {"teacher_uri": teacher_uri, "spec": spec.model_dump(mode="json"), "shared_vocab": vocab})
+        seconds = time.perf_counter() - start
+        rate = entry["num_rows"] / seconds if seconds else 0.0
+        log(f"[cascade]   {planned.step_id}: teacher pass, {entry['num_rows']} samples in {seconds:.1f} s ({rate:.1f} samples/s)")
+        teacher_pass.update(samples=entry["num_rows"], seconds=round(seconds, 2), samples_per_s=round(rate, 2))
+
+    cache.clear_failure(key)  # an earlier run's failed pass; before anyone waits for this one
+    if deferred is not None:
+        deferred.append(run_pass)
+        return cache.read(key, when_written=True), spec, teacher_pass
+    run_pass()
+    return cache.read(key), spec, teacher_pass

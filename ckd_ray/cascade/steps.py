@@ -57,6 +57,7 @@ def plan_step(
     step_id: str | None = None,
     checkpoint_prefix: str = "",
     has_validation: bool = False,
+    await_signal=None,
 ) -> StepPlan:
     """Resolves a step's settings: step overrides over `job.trainer`, the effective loss, the
     freeze policy, and the number of optimizer steps from the data size."""
@@ -106,6 +107,7 @@ def plan_step(
         seed=job.seed,
         teacher_hidden_size=_teacher_hidden_size(job, stage) if loss.weights.feature > 0 else None,
         has_validation=has_validation,
+        await_signal=await_signal,
     )
 
 
@@ -199,39 +201,52 @@ def _plan_data(job: JobConfig, planned, data, *, with_validation: bool, val_data
                       {"data_planning": time.perf_counter() - started}, options)
 
 
-def _attach_signal(draft: _StepDraft) -> PreparedStep:
+def _attach_signal(draft: _StepDraft, deferred: list | None = None) -> PreparedStep:
     """The teacher signal (distillation steps) and the resolved StepPlan; reads nothing of
-    `draft.data` but its fingerprint, so drafts of one segment can attach concurrently."""
+    `draft.data` but its fingerprint, so drafts of one segment can attach concurrently. With
+    `deferred`, a pass still to run is appended there instead (see `attach_teacher_signal`)
+    and the plan waits for its signal on the workers."""
+    from functools import partial
+
     from ckd_ray.cascade.signal import attach_teacher_signal
+    from ckd_ray.teachers.cache import SignalCache
 
     job, planned, options = draft.job, draft.planned, draft.options
     train_dataset, num_rows, phases = draft.train_dataset, draft.num_rows, dict(draft.phases)
-    teacher_pass, decoder = {}, None
+    teacher_pass, decoder, await_signal = {}, None, None
     trained = options["trained"] or planned
     if planned.distills:
-        started = time.perf_counter()
+        started, waiting = time.perf_counter(), len(deferred) if deferred is not None else 0
         train_dataset, spec, teacher_pass = attach_teacher_signal(
             job, options["signal_planned"] or planned, options["teacher_uri"], options["vocab_learner_uri"], train_dataset,
-            draft.data, options["log"],
+            draft.data, options["log"], deferred=deferred,
         )
-        phases["teacher_pass"] = time.perf_counter() - started
         decoder = default_signal_decoder(job, trained.loss.attention_layers, spec)
-        num_rows = teacher_pass.get("samples", num_rows)
+        if deferred is not None and len(deferred) > waiting:
+            # The pass runs while the group trains: its planned row count sizes the schedule (the
+            # pass writes the same rows; rejected records only end the epoch a little earlier).
+            await_signal = partial(SignalCache(job.signal_cache_uri).wait_for, teacher_pass["key"])
+        else:
+            phases["teacher_pass"] = time.perf_counter() - started
+            num_rows = teacher_pass.get("samples", num_rows)
     plan = plan_step(options["trainer_job"] or job, trained.stage, trained.step, init_model_uri=options["init_model_uri"],
                      num_train_samples=num_rows, export_uri=options["export_uri"], step_id=planned.step_id,
-                     checkpoint_prefix=options["checkpoint_prefix"], has_validation=draft.val_dataset is not None)
+                     checkpoint_prefix=options["checkpoint_prefix"], has_validation=draft.val_dataset is not None,
+                     await_signal=await_signal)
     return PreparedStep(planned, TrainStep(plan, train_dataset, draft.val_dataset, decoder), teacher_pass, phases,
                         options["teacher_uri"] if planned.distills else None)
 
 
 def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], *, output_uri: str, log,
-                    suffix: str = "") -> list[PreparedStep]:
+                    suffix: str = "", deferred: list | None = None) -> list[PreparedStep]:
     """Prepares a segment's steps. Each step starts from `roles[learner]` and moves it to its own
     export, `<output_uri>/steps/<step_id><suffix>/model`, so the next step of the learner starts
     from a model the group has yet to train (`roles` is updated in place). The datasets are
     planned in order on this thread; the teacher passes then run `teacher_pool.concurrent_passes`
     at a time: a segment's teachers are never trained inside it (`split_segments`), so its passes
-    do not depend on each other, and one pass alone leaves cores (or a teacher's GPUs) idle."""
+    do not depend on each other, and one pass alone leaves cores (or a teacher's GPUs) idle.
+    With `deferred` (a list) the passes are not run here but appended to it, in step order, for
+    `TeacherPasses` to run while the group trains."""
     existing = dict(roles)
     drafts = []
     for planned in segment:
@@ -244,6 +259,8 @@ def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], 
             signal_planned=None, trained=None, trainer_job=None,
         ))
         roles[planned.learner] = export_uri
+    if deferred is not None:
+        return [_attach_signal(draft, deferred) for draft in drafts]
     passes = sum(1 for draft in drafts if draft.planned.distills)
     if passes <= 1 or job.teacher_pool.concurrent_passes <= 1:
         return [_attach_signal(draft) for draft in drafts]
@@ -251,6 +268,45 @@ def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], 
 
     with ThreadPoolExecutor(max_workers=min(passes, job.teacher_pool.concurrent_passes), thread_name_prefix="teacher-pass") as pool:
         return list(pool.map(_attach_signal, drafts))
+
+
+class TeacherPasses:
+    """Runs deferred teacher passes (`prepare_segment(..., deferred=...)`) on background threads,
+    `concurrent` at a time in step order, while the worker group trains: a step's workers wait
+    for its signal (`StepPlan.await_signal`), the others train meanwhile. Every pass runs even
+    if one fails: a failed pass records its error beside its cache entry, so the workers waiting
+    for it stop with that error instead of waiting forever. The threads are daemons: an
+    interrupted driver does not wait for them to end."""
+
+    def __init__(self, passes: list, concurrent: int):
+        import threading
+
+        self.errors: list[BaseException] = []
+        self._queue = list(passes)
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._work, name=f"teacher-pass-{i}", daemon=True)
+                         for i in range(min(max(1, concurrent), len(passes)))]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                run = self._queue.pop(0)
+            try:
+                run()
+            except BaseException as err:  # raised by `join`, on the driver's thread
+                with self._lock:
+                    self.errors.append(err)
+
+    def join(self) -> None:
+        """Waits for every pass; raises the first pass's error."""
+        for thread in self._threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
 
 
 def split_segments(plan: list) -> list[list]:
@@ -278,5 +334,5 @@ def _teacher_hidden_size(job: JobConfig, stage: StageConfig) -> int:
     return config.get("text_config", config)["hidden_size"]
 
 
-__all__ = ["EXPORT_FOLDER", "PreparedStep", "default_signal_decoder", "plan_step", "prepare_segment", "prepare_step", "run_step",
+__all__ = ["EXPORT_FOLDER", "PreparedStep", "TeacherPasses", "default_signal_decoder", "plan_step", "prepare_segment", "prepare_step", "run_step",
            "samples_needed", "split_segments", "step_budget"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from ckd_ray import storage
 
 MARKER = "_COMPLETE.json"
+FAILED = "_FAILED.json"
 _SAMPLE_BYTES = 1 << 20
 
 
@@ -58,6 +59,10 @@ class CorruptCacheEntry(RuntimeError):
     that is not Parquet): it is refused, never partly read."""
 
 
+class TeacherPassFailed(RuntimeError):
+    """The pass that was writing an entry failed; whoever waited for the entry gets its error."""
+
+
 class SignalCache:
     """Entries under `root_uri` (local or s3://), one folder per key."""
 
@@ -83,12 +88,37 @@ class SignalCache:
             )
         return entry
 
-    def read(self, key: str):
+    def wait_for(self, key: str, poll_s: float = 0.5) -> None:
+        """Blocks until the entry of `key` is complete (a pass elsewhere is writing it); raises
+        TeacherPassFailed with the pass's error if its writer recorded one."""
+        while self.lookup(key) is None:
+            failed = self._failed_uri(key)
+            if storage.exists(failed):
+                raise TeacherPassFailed(f"the teacher pass writing signal cache entry {key} failed: "
+                                        f"{json.loads(storage.read_bytes(failed)).get('error')}")
+            time.sleep(poll_s)
+
+    def clear_failure(self, key: str) -> None:
+        """Forgets the failure an earlier pass recorded for `key` (before a new pass, and before
+        anyone waits for it)."""
+        storage.delete(self._failed_uri(key))
+
+    def read(self, key: str, *, when_written: bool = False):
         """The entry's rows in the order they were written, one read task per Parquet file. The
         files are listed here, on the caller (read_parquet's listing task cost seconds before the
-        first batch of every step that reads the cache)."""
+        first batch of every step that reads the cache). `when_written`: the entry may not exist
+        yet (its pass is running): the files are listed when the dataset first executes, after
+        `wait_for` (a worker group can start and train other steps meanwhile)."""
+        if not when_written:
+            uris = self._entry_files(key)  # refused entries fail here, on the caller
+            return _entry_dataset(lambda: uris, len(uris))
+        return _entry_dataset(partial(self._entry_files, key, wait=True), 1, pending=lambda: self.lookup(key) is None)
+
+    def _entry_files(self, key: str, wait: bool = False) -> list[str]:
         import pyarrow.dataset as pads
 
+        if wait:
+            self.wait_for(key)
         entry = self.lookup(key)
         if entry is None:
             raise KeyError(f"no complete signal cache entry {key!r} under {self.root_uri}")
@@ -104,40 +134,72 @@ class SignalCache:
                 f"the cache is read as Parquet only and never unpickled; delete {storage.join(self.root_uri, key)} "
                 "(the next step recomputes the teacher pass)"
             )
-        uris = [storage.join(parts_uri, file.rsplit("/", 1)[-1]) for file in files]
-
-        import ray.data  # after the checks: a refused entry costs no Ray import
-        from ray.data.block import BlockMetadata
-        from ray.data.datasource import Datasource, ReadTask
-
-        class CacheEntryFiles(Datasource):
-            def estimate_inmemory_data_size(self):
-                return None
-
-            def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-                return [ReadTask(partial(_read_parquet_file, uri), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                                                                 input_files=(uri,)))
-                        for uri in uris]
-
-        return ray.data.read_datasource(CacheEntryFiles(), override_num_blocks=len(uris))
+        return [storage.join(parts_uri, file.rsplit("/", 1)[-1]) for file in files]
 
     def write(self, dataset, key: str, metadata: dict) -> dict:
         """Runs `dataset` (the teacher pass) to Parquet under a fresh parts folder, then writes the
-        marker that makes the entry visible."""
+        marker that makes the entry visible. If the pass fails, its error is recorded beside the
+        entry (a reader waiting for the entry gets it) and raised."""
         parts = f"parts-{uuid.uuid4().hex[:8]}"
         filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, parts))
         start = time.perf_counter()
-        dataset.write_parquet(path, filesystem=filesystem)
+        try:
+            dataset.write_parquet(path, filesystem=filesystem)
+        except BaseException as err:
+            from ckd_ray.errors import describe_error
+
+            storage.write_bytes(self._failed_uri(key), json.dumps({"error": describe_error(err)}).encode())
+            raise
         written = self._count_rows(key, parts)
         entry = {"key": key, "parts": parts, "num_rows": written, "seconds": round(time.perf_counter() - start, 3), **metadata}
         storage.write_bytes(self._marker_uri(key), json.dumps(entry, indent=2).encode())
         return entry
+
+    def _failed_uri(self, key: str) -> str:
+        return storage.join(self.root_uri, key, FAILED)
 
     def _count_rows(self, key: str, parts: str) -> int:
         import pyarrow.dataset as pads
 
         filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, parts))
         return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()
+
+
+def _entry_dataset(list_files, num_blocks: int, pending=None):
+    """A Dataset of the Parquet files `list_files()` names, one read task and one block per
+    file, listed when the dataset's execution is planned. `num_blocks` only keeps Ray Data from
+    splitting the files' blocks (it splits read tasks that number fewer than it asks for).
+    `pending()` says the files are not written yet: `read_datasource` plans the read once when
+    the dataset is made (for its statistics), and that first plan must not wait for them, so it
+    gets one placeholder task; execution plans again, on its own copy, and waits in
+    `list_files`."""
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class CacheEntryFiles(Datasource):
+        def __init__(self):
+            self.uris = None
+            self.made = False
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            if not self.made:
+                self.made = True
+                if pending is not None and pending():
+                    return [ReadTask(_unplanned_read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None))]
+            self.uris = self.uris or list_files()
+            return [ReadTask(partial(_read_parquet_file, uri), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                                                             input_files=(uri,)))
+                    for uri in self.uris]
+
+    return ray.data.read_datasource(CacheEntryFiles(), override_num_blocks=num_blocks)
+
+
+def _unplanned_read():
+    raise RuntimeError("a signal cache read ran the plan made before its entry was written (Ray Data plans again before it executes)")
 
 
 def _read_parquet_file(uri: str) -> list:

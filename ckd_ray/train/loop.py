@@ -105,6 +105,9 @@ class StepPlan:
     """Width of the teacher features the projection maps from (only with the `feature` term)."""
     has_validation: bool
     """A "val" dataset is attached: validate at the end of the step."""
+    await_signal: Callable[[], None] | None = None
+    """Blocks until the step's teacher signal exists (its pass runs on the driver while the
+    group trains earlier steps); None when it existed before the group started."""
 
     @property
     def total_steps(self) -> int:
@@ -166,11 +169,11 @@ def train_worker(config: dict, session: WorkerSession | None = None) -> None:
             resume_state = read_state(directory)
     step_ids = [plan.step_id for plan, _ in steps]
     first = step_ids.index(resume_state.step_id) if resume_state is not None and resume_state.step_id in step_ids else 0
-    upcoming = ShardPrefetch(session, f"train-{first}", steps[first][0].micro_batch_size)  # read while the engine builds
+    upcoming = ShardPrefetch(session, f"train-{first}", steps[first][0])  # read while the engine builds
     for index in range(first, len(steps)):
         current = upcoming
         if index + 1 < len(steps):
-            upcoming = ShardPrefetch(session, f"train-{index + 1}", steps[index + 1][0].micro_batch_size)
+            upcoming = ShardPrefetch(session, f"train-{index + 1}", steps[index + 1][0])
         plan, decode_signal = steps[index]
         resume = checkpoint if resume_state is not None and index == first and resume_state.step_id == plan.step_id else None
         emit = _emitter(events, plan.step_id, rank)
@@ -183,18 +186,26 @@ class ShardPrefetch:
     start) and the first read and preprocessing tasks are then done when the step begins,
     instead of delaying its first batch by seconds. The pass it opens is the step's first
     epoch pass, whatever the epoch: every `iter_batches` pass over a shard starts at its
-    beginning, and a resumed step drops the batches it trained on from it as from any other."""
+    beginning, and a resumed step drops the batches it trained on from it as from any other.
+    A step whose teacher pass is still running (`plan.await_signal`) is opened once the pass
+    has written its signal; `teacher_wait_s` is how long the step itself then waited for it."""
 
-    def __init__(self, session: WorkerSession, name: str, batch_size: int):
+    def __init__(self, session: WorkerSession, name: str, plan: StepPlan):
         import threading
 
         self.shard = self.first_pass = self.error = None
-        self.batch_size = batch_size
+        self.batch_size = plan.micro_batch_size
+        self.await_signal = plan.await_signal
+        self.signal_ready_at: float | None = None
+        self.teacher_wait_s = 0.0
         self.thread = threading.Thread(target=self._open, args=(session, name), name=f"ckd-prefetch-{name}", daemon=True)
         self.thread.start()
 
     def _open(self, session: WorkerSession, name: str) -> None:
         try:
+            if self.await_signal is not None:
+                self.await_signal()
+                self.signal_ready_at = time.perf_counter()
             self.shard = session.dataset_shard(name)
             batches = enumerate(self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False))
             head = next(batches, None)
@@ -204,7 +215,10 @@ class ShardPrefetch:
 
     def take(self):
         """(shard, its first pass): waits for the helper thread."""
+        started = time.perf_counter()
         self.thread.join()
+        if self.signal_ready_at is not None:
+            self.teacher_wait_s = max(0.0, min(self.signal_ready_at, time.perf_counter()) - started)
         if self.error is not None:
             raise self.error
         return self.shard, self.first_pass
@@ -240,7 +254,9 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
     window = ReportWindow()
     wait_started = time.perf_counter()
     shard, first_pass = data.take()
-    phases.add("first_batch_wait", time.perf_counter() - wait_started)
+    if data.await_signal is not None:  # waited for the teacher pass, then for the first batch
+        phases.add("teacher_pass", data.teacher_wait_s)
+    phases.add("first_batch_wait", time.perf_counter() - wait_started - data.teacher_wait_s)
     batches = micro_batches(shard, plan.micro_batch_size, state.epoch, state.batches_in_epoch, first_pass=first_pass)
     first_batch = True
     while state.step < plan.total_steps:
