@@ -88,6 +88,8 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
         "data": {"benchmark_root": str(kvqa_dir)},
         "storage": {"root": str(tmp_path / "runs")},
         "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT", "DFT"]}]},
+        # DFT's teacher pass runs while SFT trains: the kill and the resume cover that path too.
+        "teacher_pool": {"overlap_training": True},
         "trainer": {"max_steps": 8, "micro_batch_size": 4, "num_workers": 1, "report_every": 1, "checkpoint_every": 2},
         "evaluation": {"max_samples": 16},
         "ray": {"num_cpus": 4},

@@ -138,18 +138,19 @@ def _label(plan: list[PlannedStep], planned: PlannedStep) -> str:
 
 def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: list[PlannedStep], manifest: Manifest, data: StepData, histories, metrics,
                    log, progress: bool) -> None:
-    """Prepares the segment's steps on the driver (data plans), then trains them on one worker
-    group while the teacher passes they need run beside it (`TeacherPasses`: a step's workers
-    wait for its own pass only), recording each step in the manifest as the group reports it. The
-    stages that end in the segment are evaluated after it: on a small machine an evaluation
+    """Prepares the segment's steps on the driver (data plans, teacher passes), then trains them
+    on one worker group (with `teacher_pool.overlap_training` the passes run beside the group
+    instead, `TeacherPasses`: a step's workers wait for its own pass only), recording each step
+    in the manifest as the group reports it. The stages that end in the segment are evaluated after it: on a small machine an evaluation
     beside the training group only takes its cores, and each step's phases stay its own."""
     from ckd_ray.train.run import read_step_result, run_steps
 
     run_uri = job.run_uri
     # Named after the segment's first step, pending or not: a resubmission finds the same folder.
     segment_name = f"{RUN_FOLDER}/{segment[0].step_id}"
-    passes: list = []  # the teacher passes still to run: they run while the group starts and trains
-    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log, deferred=passes)
+    passes: list = []  # with overlap_training, the teacher passes still to run: they run while the group trains
+    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log,
+                            deferred=passes if job.teacher_pool.overlap_training else None)
     prepared = {planned.step_id: step for planned, step in zip(pending, steps)}
     by_id = {planned.step_id: planned for planned in pending}
     clock = {"last": None}

@@ -51,6 +51,11 @@ class TeacherPoolConfig(Section):
     concurrent_passes: int = Field(2, ge=1)
     """Teacher passes (each its own pool of min..max actors) run at once when a segment of steps
     needs several: passes of one segment never depend on each other. 1 runs them one by one."""
+    overlap_training: bool = False
+    """Run a segment's teacher passes beside its worker group (which starts at once; each step
+    waits only for its own pass) instead of before it. Pays where teachers have their own GPUs
+    or nodes; on a small CPU machine the passes and the training share the same cores (measured
+    slower on 2 cores: benchmarks/RESULTS.md)."""
     use_cache: bool = True
     """Write each teacher pass to the signal cache and train from it (Tune trials and resubmitted
     jobs reuse it); false streams the signal straight into training."""
