@@ -132,8 +132,8 @@ def verify_checksums(directory: str | Path) -> None:
             problems.append(f"{path} does not match its sha256 (truncated or corrupted)")
     if problems:
         raise CorruptCheckpointError(
-            f"checkpoint {directory} is damaged: {'; '.join(problems)}. Resume from an earlier checkpoint "
-            "(delete this one), or start the step again"
+            f"checkpoint {directory} is damaged and is not loaded: {'; '.join(problems)}. Restore the files "
+            "from a copy, or run the job again under a new `name` (--set name=...)"
         )
 
 
