@@ -40,6 +40,8 @@ PROJECTION_FILE = "projection.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
 CHECKSUM_FILE = "checksums.json"
+# What torch.save and pickle write: never written here, so never read from a checkpoint folder.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Next to an exported student: the step's report history, phases and final checkpoint name.
 STEP_SUMMARY_FILE = "ckd_step.json"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -113,9 +115,17 @@ def write_checksums(directory: str | Path) -> None:
 
 def verify_checksums(directory: str | Path) -> None:
     """CorruptCheckpointError naming each file that is missing, or whose bytes differ from those
-    written. A checkpoint from before checksums has no checksums.json and is read as it is;
-    files added beside the recorded ones (by the storage layer) are not checked."""
+    written, or for any pickle file (`PICKLE_SUFFIXES`) planted in the folder. A checkpoint from
+    before checksums has no checksums.json and is read as it is; other files added beside the
+    recorded ones (by the storage layer) are not checked."""
     directory = Path(directory)
+    pickles = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory} holds pickle files this project never writes ({', '.join(pickles[:5])}): "
+            "checkpoints are read as safetensors and JSON only, since unpickling a file can run any code; "
+            "it is refused. Remove those files if you trust the rest of the folder"
+        )
     listing = directory / CHECKSUM_FILE
     if not listing.exists():
         return

@@ -4,6 +4,7 @@ is refused with its path, never loaded in part; files from before checksums stil
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -127,3 +128,68 @@ def test_a_file_added_beside_the_recorded_ones_is_not_an_error(checkpoint):
     directory, state = checkpoint
     (directory / ".metadata.json").write_text("{}")  # as a storage layer may add
     assert read_state(directory) == state
+
+
+# --- signal cache parts: the marker records each part's sha256, checked as the part is read ------
+
+
+@pytest.fixture
+def cache_entry(ray_local, tmp_path):
+    """A real cache entry written by Ray Data: two Parquet parts and the marker."""
+    import ray.data
+
+    from ckd_ray.teachers.cache import SignalCache
+
+    cache = SignalCache(str(tmp_path / "cache"))
+    rows = [{"sample_id": f"s{i:03d}", "sig": [float(i)] * 8} for i in range(64)]
+    entry = cache.write(ray.data.from_items(rows, override_num_blocks=2), "t0-s0-d0", {})
+    return cache, entry, rows
+
+
+@pytest.mark.ray
+def test_cache_entry_reads_back_through_its_checksums(cache_entry):
+    cache, entry, rows = cache_entry
+    assert len(entry["sha256"]) == 2
+    read = sorted(cache.read("t0-s0-d0").take_all(), key=lambda row: row["sample_id"])
+    assert [row["sample_id"] for row in read] == [row["sample_id"] for row in rows]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cache_part_is_refused_with_its_path(cache_entry, tmp_path, damage):
+    cache, entry, _ = cache_entry
+    part = tmp_path / "cache" / "t0-s0-d0" / entry["parts"] / sorted(entry["sha256"])[0]
+    data = bytearray(part.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-200:]
+    part.write_bytes(bytes(data))
+    if damage == "truncate":  # without its footer the part fails the listing, which names it
+        with pytest.raises(Exception, match=re.escape(str(part))):
+            cache.read("t0-s0-d0").take_all()
+        return
+    with pytest.raises(Exception, match=f"signal cache part {part} does not match the sha256") as raised:
+        cache.read("t0-s0-d0").take_all()
+    assert "CorruptCacheEntry" in str(raised.value)  # Ray wraps the error of the read task
+
+
+@pytest.mark.ray
+def test_cache_entry_from_before_checksums_still_reads(cache_entry, tmp_path):
+    from ckd_ray.teachers.cache import MARKER
+
+    cache, entry, rows = cache_entry
+    marker = tmp_path / "cache" / "t0-s0-d0" / MARKER
+    marker.write_text(json.dumps({key: value for key, value in entry.items() if key != "sha256"}))
+    assert len(cache.read("t0-s0-d0").take_all()) == len(rows)
+
+
+@pytest.mark.ray
+def test_cache_entry_missing_a_part_is_refused_before_any_read(cache_entry, tmp_path):
+    from ckd_ray.teachers.cache import CorruptCacheEntry
+
+    cache, entry, _ = cache_entry
+    missing = sorted(entry["sha256"])[1]
+    (tmp_path / "cache" / "t0-s0-d0" / entry["parts"] / missing).unlink()
+    with pytest.raises(CorruptCacheEntry, match=f"missing: {missing}"):
+        cache.read("t0-s0-d0")
