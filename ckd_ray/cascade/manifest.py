@@ -27,6 +27,35 @@ class ManifestMismatchError(RuntimeError):
     """The run folder holds a manifest of a different config."""
 
 
+class CorruptManifestError(RuntimeError):
+    """The run folder's manifest is truncated or its bytes differ from those written: it is
+    refused, never read in part (a resume from it could redo or skip steps)."""
+
+
+def _body_text(body: dict) -> str:
+    return json.dumps(body, indent=2, default=str)
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_checked(uri: str) -> dict:
+    """The manifest's fields, after checking the sha256 it was written with (a manifest written
+    before checksums has none and is read as it is)."""
+    fix = f"restore {uri} from a copy, or delete the run folder to start the run again"
+    try:
+        data = json.loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptManifestError(f"{uri} is not valid JSON (truncated or corrupted: {err}): {fix}") from None
+    if not isinstance(data, dict):
+        raise CorruptManifestError(f"{uri} is not a manifest (a JSON {type(data).__name__}): {fix}")
+    recorded = data.pop("sha256", None)
+    if recorded is not None and recorded != _checksum(_body_text(data)):
+        raise CorruptManifestError(f"{uri} does not match the sha256 it was written with (corrupted on storage): {fix}")
+    return data
+
+
 @dataclass
 class Manifest:
     """`steps[step_id]` holds status, stage, step, learner, teacher, model URI, metrics, times;
@@ -45,7 +74,7 @@ class Manifest:
         digest = config_hash(job)
         if not storage.exists(uri):
             return cls(uri=uri, job=job.name, config_hash=digest)
-        data = json.loads(storage.read_bytes(uri))
+        data = _read_checked(uri)
         if data["config_hash"] != digest:
             raise ManifestMismatchError(
                 f"{uri} was written by a different config (hash {data['config_hash']}, this one {digest}): "
@@ -64,4 +93,6 @@ class Manifest:
     def save(self) -> None:
         body = {"job": self.job, "config_hash": self.config_hash, "roles": self.roles, "steps": self.steps,
                 "evaluations": self.evaluations}
-        storage.write_bytes(self.uri, json.dumps(body, indent=2, default=str).encode())
+        # The checksum covers the fields as written; it leads so a reader sees it first.
+        checksum = _checksum(_body_text(body))
+        storage.write_bytes(self.uri, _body_text({"sha256": checksum, **body}).encode())

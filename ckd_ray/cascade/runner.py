@@ -40,6 +40,8 @@ class CascadeResult:
 # for the previous one to be collected: with a report every few optimizer steps of a small
 # model, the poll interval, not training, sets the pace.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Run in every worker before its first task; jobs/runtime_env.yaml names it for submitted jobs.
+WORKER_SETUP_HOOK = "ckd_ray.cascade.worker_setup.restore_sigint_handler"
 
 
 def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, log_to_driver: bool = True) -> None:
@@ -56,8 +58,8 @@ def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, 
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
         return
-    kwargs = {"address": "local", "num_cpus": settings.num_cpus, "runtime_env": {"env_vars": TRAIN_ENV},
-              "log_to_driver": log_to_driver}
+    runtime_env = {"env_vars": TRAIN_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    kwargs = {"address": "local", "num_cpus": settings.num_cpus, "runtime_env": runtime_env, "log_to_driver": log_to_driver}
     if settings.object_store_memory_mb:
         kwargs["object_store_memory"] = settings.object_store_memory_mb * 2**20
     if metrics_export_port:

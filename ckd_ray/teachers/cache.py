@@ -4,7 +4,9 @@ Ray Tune trial of a stage.
 An entry is keyed by the data it covers (sources, split, curriculum filter, preprocessing), the
 teacher checkpoint's content hash and the signal spec's fingerprint; rows inside it are keyed by
 `sample_id`. A different key never reads an entry. An entry becomes visible only when its marker
-file is written after all its parts, so a crashed write is never read back as a partial pass.
+file is written after all its parts, so a crashed write is never read back as a partial pass; the
+marker records each part's sha256, checked when the part is read, so a part truncated or changed
+on storage is refused instead of feeding wrong signal to training.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class SignalCache:
             return _entry_dataset(lambda: uris, len(uris))
         return _entry_dataset(partial(self._entry_files, key, wait=True), 1, pending=lambda: self.lookup(key) is None)
 
-    def _entry_files(self, key: str, wait: bool = False) -> list[str]:
+    def _entry_files(self, key: str, wait: bool = False) -> list[tuple[str, str | None]]:
+        """(uri, sha256 the marker records or None) of each Parquet part, in written order."""
         import pyarrow.dataset as pads
 
         if wait:
@@ -134,7 +137,18 @@ class SignalCache:
                 f"the cache is read as Parquet only and never unpickled; delete {storage.join(self.root_uri, key)} "
                 "(the next step recomputes the teacher pass)"
             )
-        return [storage.join(parts_uri, file.rsplit("/", 1)[-1]) for file in files]
+        names = [file.rsplit("/", 1)[-1] for file in files]
+        checksums = entry.get("sha256")  # None in entries written before checksums
+        if checksums is not None and sorted(checksums) != names:
+            missing = sorted(set(checksums) - set(names)) or ["none"]
+            raise CorruptCacheEntry(
+                f"signal cache entry {parts_uri} does not hold the files its marker lists (missing: {', '.join(missing[:5])}; "
+                f"found: {', '.join(names[:5])}): delete {storage.join(self.root_uri, key)} (the next step recomputes the teacher pass)"
+            )
+        uris = [storage.join(parts_uri, name) for name in names]
+        expected = [checksums[name] if checksums is not None else None for name in names]
+
+        return list(zip(uris, expected))
 
     def write(self, dataset, key: str, metadata: dict) -> dict:
         """Runs `dataset` (the teacher pass) to Parquet under a fresh parts folder, then writes the
@@ -151,7 +165,9 @@ class SignalCache:
             storage.write_bytes(self._failed_uri(key), json.dumps({"error": describe_error(err)}).encode())
             raise
         written = self._count_rows(key, parts)
-        entry = {"key": key, "parts": parts, "num_rows": written, "seconds": round(time.perf_counter() - start, 3), **metadata}
+        checksums = self._checksums(key, parts)  # reads the parts back once: what storage now holds
+        entry = {"key": key, "parts": parts, "num_rows": written, "seconds": round(time.perf_counter() - start, 3), **metadata,
+                 "sha256": checksums}
         storage.write_bytes(self._marker_uri(key), json.dumps(entry, indent=2).encode())
         return entry
 
@@ -163,6 +179,15 @@ class SignalCache:
 
         filesystem, path = storage.arrow_filesystem(storage.join(self.root_uri, key, parts))
         return pads.dataset(path, filesystem=filesystem, format="parquet").count_rows()
+
+
+    def _checksums(self, key: str, parts: str) -> dict[str, str]:
+        import pyarrow.dataset as pads
+
+        parts_uri = storage.join(self.root_uri, key, parts)
+        filesystem, path = storage.arrow_filesystem(parts_uri)
+        names = sorted(file.rsplit("/", 1)[-1] for file in pads.dataset(path, filesystem=filesystem, format="parquet").files)
+        return {name: hashlib.sha256(storage.read_bytes(storage.join(parts_uri, name))).hexdigest() for name in names}
 
 
 def _entry_dataset(list_files, num_blocks: int, pending=None):
@@ -191,9 +216,9 @@ def _entry_dataset(list_files, num_blocks: int, pending=None):
                 if pending is not None and pending():
                     return [ReadTask(_unplanned_read, BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None))]
             self.uris = self.uris or list_files()
-            return [ReadTask(partial(_read_parquet_file, uri), BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
-                                                                             input_files=(uri,)))
-                    for uri in self.uris]
+            return [ReadTask(partial(_read_parquet_file, uri, checksum), BlockMetadata(num_rows=None, size_bytes=None,
+                                                                                       exec_stats=None, input_files=(uri,)))
+                    for uri, checksum in self.uris]
 
     return ray.data.read_datasource(CacheEntryFiles(), override_num_blocks=num_blocks)
 
@@ -202,8 +227,16 @@ def _unplanned_read():
     raise RuntimeError("a signal cache read ran the plan made before its entry was written (Ray Data plans again before it executes)")
 
 
-def _read_parquet_file(uri: str) -> list:
+def _read_parquet_file(uri: str, checksum: str | None = None) -> list:
+    """One part as an Arrow table; its bytes are read once, checked against `checksum` (the
+    sha256 the marker records), then parsed."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    filesystem, path = storage.arrow_filesystem(uri)
-    return [pq.read_table(path, filesystem=filesystem)]
+    data = storage.read_bytes(uri)
+    if checksum is not None and hashlib.sha256(data).hexdigest() != checksum:
+        raise CorruptCacheEntry(
+            f"signal cache part {uri} does not match the sha256 its marker records (truncated or corrupted on storage): "
+            "delete its entry folder (the next step recomputes the teacher pass)"
+        )
+    return [pq.read_table(pa.BufferReader(data))]

@@ -11,6 +11,8 @@ One checkpoint directory holds
                             when the weights train in bf16
     train_state.json        optimizer step (the lr schedule's state, with its settings), data
                             position, counters and the report history
+    checksums.json          the sha256 of every other file, written last: a checkpoint whose
+                            files differ from it (truncated, corrupted) is refused on read
 
 Because the optimizer state is stored per parameter, not per ZeRO partition, it loads under any
 ZeRO stage; the data position, though, is counted in micro-batches of each worker's shard, so a
@@ -22,6 +24,7 @@ from shared storage.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +39,9 @@ MODEL_DIR = "model"
 PROJECTION_FILE = "projection.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
+CHECKSUM_FILE = "checksums.json"
+# What torch.save and pickle write: never written here, so never read from a checkpoint folder.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Next to an exported student: the step's report history, phases and final checkpoint name.
 STEP_SUMMARY_FILE = "ckd_step.json"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -81,8 +87,64 @@ class TrainState:
         return cls(**data)
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's files differ from the checksums written with them: nothing of it is loaded."""
+
+
 def read_state(directory: str | Path) -> TrainState:
+    """The checkpoint's train state, once its files match their checksums (see `verify_checksums`)."""
+    verify_checksums(directory)
     return TrainState.from_json((Path(directory) / STATE_FILE).read_text())
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str | Path) -> None:
+    """Records the sha256 of every file of the checkpoint; called after the last one is written."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    checksums = {str(p.relative_to(directory)): _file_sha256(p) for p in files}
+    (directory / CHECKSUM_FILE).write_text(json.dumps({"sha256": checksums}, indent=1))
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """CorruptCheckpointError naming each file that is missing, or whose bytes differ from those
+    written, or for any pickle file (`PICKLE_SUFFIXES`) planted in the folder. A checkpoint from
+    before checksums has no checksums.json and is read as it is; other files added beside the
+    recorded ones (by the storage layer) are not checked."""
+    directory = Path(directory)
+    pickles = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory} holds pickle files this project never writes ({', '.join(pickles[:5])}): "
+            "checkpoints are read as safetensors and JSON only, since unpickling a file can run any code; "
+            "it is refused. Remove those files if you trust the rest of the folder"
+        )
+    listing = directory / CHECKSUM_FILE
+    if not listing.exists():
+        return
+    try:
+        recorded = json.loads(listing.read_text())["sha256"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CorruptCheckpointError(f"checkpoint {directory}: {listing} is not the checksum list this project writes ({err})") from None
+    problems = []
+    for name, checksum in recorded.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif _file_sha256(path) != checksum:
+            problems.append(f"{path} does not match its sha256 (truncated or corrupted)")
+    if problems:
+        raise CorruptCheckpointError(
+            f"checkpoint {directory} is damaged and is not loaded: {'; '.join(problems)}. Restore the files "
+            "from a copy, or run the job again under a new `name` (--set name=...)"
+        )
 
 
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -104,6 +166,7 @@ def write_checkpoint(engine, state: TrainState, directory: str | Path, *, proces
     copy_processor_files(processor_dir, directory / MODEL_DIR)
     save_file(optimizer_state, str(directory / OPTIMIZER_FILE))
     (directory / STATE_FILE).write_text(state.to_json())
+    write_checksums(directory)
 
 
 def load_projection(projection: torch.nn.Module, directory: str | Path) -> None:
