@@ -259,10 +259,8 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
         if not at_boundary:
             continue
         state.step += 1
-        step_figures = window.close_step()
-        student_metrics.record_step(**step_figures, lr=lr)
-        emit("progress", {"step": state.step, "loss": float(terms["total"]), "samples": int(len(batch["input_ids"])) * plan.num_workers * plan.grad_accum,
-                          "step_time_s": step_figures["step_time_s"], "data_wait_s": step_figures["data_wait_s"]})
+        student_metrics.record_step(**window.close_step(), lr=lr)
+        emit("progress", {"step": state.step, "loss": float(terms["total"]), "samples": int(len(batch["input_ids"])) * plan.num_workers * plan.grad_accum})
         if state.step == plan.total_steps:
             break
         if state.step % plan.report_every == 0 or state.step % plan.checkpoint_every == 0:
