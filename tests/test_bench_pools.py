@@ -7,42 +7,37 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.pools.matrix import second_half
 from benchmarks.pools.table import RunFigures, group_rows, markdown_table, ratios
 
 
-def run(variant: str, *, late_s: float, pass_s: float = 0.0, rss_mib: int = 700, note: str = "", wait: float = 0.0) -> RunFigures:
-    return RunFigures(variant=variant, teacher="t", note=note, samples=320, train_s=late_s * 2, data_wait_s=wait * 2,
-                      first_batch_s=1.0, pass_s=pass_s, late_samples=160, late_s=late_s, late_wait_s=wait,
-                      peak_rss_bytes=rss_mib * 2**20, actors_max=0 if variant == "a" else 1, signal_bytes_per_sample=100.0)
+def run(variant: str, *, train_s: float, pass_s: float = 0.0, mib: int = 700, note: str = "", wait: float = 0.0) -> RunFigures:
+    return RunFigures(variant=variant, teacher="t", note=note, samples=320, first_batch_s=1.0, train_s=train_s,
+                      data_wait_s=wait, pass_s=pass_s, peak_private_bytes=mib * 2**20, actors_max=0 if variant == "a" else 1,
+                      signal_bytes_per_sample=100.0)
 
 
 def test_rates_medians_and_ratios():
-    runs = [run("a", late_s=4.0, rss_mib=800), run("a", late_s=2.0, rss_mib=800), run("a", late_s=8.0, rss_mib=800),
-            run("b", late_s=2.0, wait=0.5), run("c", late_s=1.0, pass_s=8.0), run("d", late_s=1.0),
-            run("a", late_s=4.0, rss_mib=1000, note="cascade")]
+    runs = [run("a", train_s=8.0, mib=800), run("a", train_s=4.0, mib=810), run("a", train_s=16.0, mib=805),
+            run("b", train_s=4.0, wait=1.0), run("c", train_s=2.0, pass_s=8.0), run("d", train_s=2.0),
+            run("a", train_s=8.0, mib=1000, note="cascade")]
     rows = group_rows(runs)
     assert [(r.variant, r.note, len(r.runs)) for r in rows] == [("a", "", 3), ("b", "", 1), ("c", "", 1), ("d", "", 1), ("a", "cascade", 1)]
     a = rows[0]
-    assert a.rate == 40.0 and a.rate_range == (20.0, 80.0)  # 160 samples over 4 s is the median run
-    c = runs[4]
-    assert c.training_rate == 160.0
-    assert c.samples_per_s == pytest.approx(320 / (8.0 + 320 / 160.0))  # the pass, then training at the steady rate
+    assert a.rate == 40.0 and a.rate_range == (20.0, 80.0)  # 320 samples over 8 s after the first batch: the median run
+    assert a.whole_run_rate == 320 / 9.0  # the first batch's wait counted
+    assert a.peak_private_bytes == 800 * 2**20  # the lowest run's peak
+    assert runs[4].samples_per_s == 320 / (8.0 + 2.0)  # the pass, then training
+    assert runs[4].whole_run_samples_per_s == 320 / (8.0 + 1.0 + 2.0)
     assert runs[3].wait_share == 0.25
     values = ratios(rows, "t", "cascade")
     assert values["(b)/(a) samples/s"] == pytest.approx(80 / 40)
+    assert values["(b)/(a) samples/s, whole runs"] == pytest.approx((320 / 5) / (320 / 9))
     assert values["(b)/(d) samples/s"] == pytest.approx(80 / 160)
     assert values["(c)/(a) samples/s"] == pytest.approx(32 / 40)
-    assert values["(b)/(a) student worker peak RSS"] == pytest.approx(700 / 800)
-    assert values["(b)/(a, TA + teacher co-resident) student worker peak RSS"] == pytest.approx(0.7)
+    assert values["(b)/(a) student worker peak memory"] == pytest.approx(700 / 800)
+    assert values["(b)/(a, TA + teacher co-resident) student worker peak memory"] == pytest.approx(0.7)
     table = markdown_table(rows)
     assert "| a | t | 3 | 320 | 40.0 (20.0-80.0) |" in table and "| a, cascade |" in table
-
-
-def test_second_half_of_a_run():
-    ends = [(step, 10.0 + step, 0.1 * step) for step in range(1, 11)]  # one step a second
-    assert second_half(ends) == (5, 5.0, pytest.approx(0.1 * (6 + 7 + 8 + 9 + 10)))
-    assert second_half([(1, 3.0, 0.0)]) == (0, 0.0, 0.0)
 
 
 @pytest.mark.ray

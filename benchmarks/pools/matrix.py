@@ -15,7 +15,7 @@ import dataclasses
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.pools.table import RunFigures
@@ -24,12 +24,26 @@ from benchmarks.pools.worker import CoResidentTeacher, SignalMeter, bench_worker
 ROLES = {"student": "tiny-student", "tiny-ta": "tiny-ta", "tiny-teacher": "tiny-teacher", "small-teacher": "small-teacher"}
 CASCADE_NOTE = "cascade: TA runs, TA + teacher both loaded"
 WARMUP_STEPS = 2
-
+# A pool stage hands the student its output one input block at a time, and a block is a read
+# task's records (`data.records_per_read_task`, 2,048 by default: a whole run here, so the
+# student would wait for the whole pass). Every run here reads STREAM_BLOCK records a task, one
+# optimizer step's worth, so a streamed pool's output reaches the student as it is made; the
+# first gap setting shows the default.
+STREAM_BLOCK = 32
+# The streamed pool's settings tried on the larger teacher, where one actor cannot keep up.
+GAP_SETTINGS = (
+    ("read tasks of 2,048 records (the default)", {}, "bfloat16", {"records_per_read_task": 2048}),
+    ("autoscaling 1-2 actors", {"min_actors": 1, "max_actors": 2}, "bfloat16", {}),
+    ("2 actors", {"min_actors": 2, "max_actors": 2}, "bfloat16", {}),
+    ("2 actors, pool batch 32", {"min_actors": 2, "max_actors": 2, "batch_size": 32}, "bfloat16", {}),
+    ("fp32 signal", {}, "float32", {}),
+)
 
 @dataclass(frozen=True)
 class Scale:
-    """Sizes of the matrix: optimizer steps per run for each teacher (2 workers x micro-batch
-    samples each), runs per variant, and whether the streamed pool's gap-closing settings run."""
+    """Sizes of the matrix: optimizer steps per run for each teacher (workers x micro-batch
+    samples each), runs per variant, whether the streamed pool's gap-closing settings run, and
+    the hardware settings of every run (`trainer` / `teacher_pool` / `signal` overrides)."""
 
     steps: dict[str, int]
     runs: int = 3
@@ -37,6 +51,10 @@ class Scale:
     micro_batch_size: int = 16
     num_workers: int = 2
     max_length: int = 128
+    trainer: dict = field(default_factory=dict)
+    teacher_pool: dict = field(default_factory=dict)
+    signal: dict = field(default_factory=lambda: {"response_top_k": 16, "visual_top_k": 16, "gram": True})
+    model_dtype: str = "auto"
 
 
 @dataclass
@@ -97,10 +115,10 @@ class TeacherActorCounter:
 class PoolBenchmark:
     """Builds and runs the matrix in one Ray session (started by the caller)."""
 
-    def __init__(self, work: Path, benchmark_root: Path, scale: Scale, log=print):
+    def __init__(self, work: Path, benchmark_root: Path, scale: Scale, log=print, actors: TeacherActorCounter | None = None):
         self.work, self.benchmark_root, self.scale, self.log = work, benchmark_root, scale, log
         self.models: dict[str, str] = {}
-        self.actors = TeacherActorCounter()
+        self.actors = actors or TeacherActorCounter()
         self._data: dict[str, object] = {}
 
     def build_models(self) -> None:
@@ -114,37 +132,41 @@ class PoolBenchmark:
             self.models[role] = str(out)
 
     def job(self, teacher: str, name: str, *, max_steps: int, pool: dict | None = None, use_cache: bool = False,
-            value_dtype: str = "bfloat16"):
+            value_dtype: str = "bfloat16", data: dict | None = None):
         from ckd_ray.config import validate_config
 
         return validate_config({
             "name": name,
             "seed": 0,
-            "models": {"student": {"path": self.models["student"]}, "teacher": {"path": self.models[teacher]}},
-            "data": {"benchmark_root": str(self.benchmark_root), "max_length": self.scale.max_length},
+            "models": {"student": {"path": self.models["student"], "dtype": self.scale.model_dtype},
+                       "teacher": {"path": self.models[teacher], "dtype": self.scale.model_dtype}},
+            "data": {"benchmark_root": str(self.benchmark_root), "max_length": self.scale.max_length,
+                     "records_per_read_task": STREAM_BLOCK, **(data or {})},
             "cascade": {"prepare_teachers": False, "stages": [{"teacher": "teacher", "steps": ["DFT"]}]},
-            "signal": {"response_top_k": 16, "visual_top_k": 16, "gram": True, "value_dtype": value_dtype},
-            "teacher_pool": {"num_cpus": 1, "min_actors": 1, "max_actors": 1, "batch_size": 16, **(pool or {}),
-                             "use_cache": use_cache},
+            "signal": {**self.scale.signal, "value_dtype": value_dtype},
+            "teacher_pool": {"num_cpus": 1, "min_actors": 1, "max_actors": 1, "batch_size": 16, **self.scale.teacher_pool,
+                             **(pool or {}), "use_cache": use_cache},
             "trainer": {"num_workers": self.scale.num_workers, "micro_batch_size": self.scale.micro_batch_size,
                         "zero_stage": 2, "max_steps": max_steps, "epochs": 1, "warmup_ratio": 0.0,
-                        "report_every": max_steps, "checkpoint_every": 100_000, "max_failures": 0, "lr": {"DFT": 2.0e-3}},
+                        "report_every": max_steps, "checkpoint_every": 100_000, "max_failures": 0, "lr": {"DFT": 2.0e-3},
+                        **self.scale.trainer},
             "storage": {"root": str(self.work / "runs"), "signal_cache": str(self.work / "signal-cache" / name)},
             "ray": {"num_cpus": 8},
         })
 
     def _step_data(self, job):
-        """One StepData per run length (it sizes each run's data from the job's step budget)."""
+        """One StepData per run length and data settings (it sizes each run's data from the
+        job's step budget)."""
         from ckd_ray.cascade.datasets import StepData
 
-        key = job.trainer.max_steps
+        key = (job.trainer.max_steps, job.data.records_per_read_task)
         if key not in self._data:
             self._data[key] = StepData(job, job.run_uri)
         return self._data[key]
 
     def plan(self, variant: str, teacher: str, run_id: str, *, note: str = "", max_steps: int | None = None,
-             pool: dict | None = None, value_dtype: str = "bfloat16", coresident: CoResidentTeacher | None = None,
-             precomputed=None, measured: bool = True) -> PlannedRun:
+             pool: dict | None = None, value_dtype: str = "bfloat16", data: dict | None = None,
+             coresident: CoResidentTeacher | None = None, precomputed=None, measured: bool = True) -> PlannedRun:
         """One run of `variant`: (a) with `coresident` as the step's teacher, (b) streamed, (c)
         with its own teacher pass into a fresh cache (run here, timed), (d) on `precomputed`
         (a dataset of rows that carry their signal)."""
@@ -154,7 +176,8 @@ class PoolBenchmark:
         from ckd_ray.train.run import TrainStep
 
         max_steps = max_steps or self.scale.steps[teacher]
-        job = self.job(teacher, run_id, max_steps=max_steps, pool=pool, use_cache=variant == "c", value_dtype=value_dtype)
+        job = self.job(teacher, run_id, max_steps=max_steps, pool=pool, use_cache=variant == "c", value_dtype=value_dtype,
+                       data=data)
         data = self._step_data(job)
         (planned,) = build_plan(job)
         export_uri = str(self.work / "exports" / run_id)
@@ -204,13 +227,10 @@ class PoolBenchmark:
         records_dir = self.work / "records" / name
         records_dir.mkdir(parents=True, exist_ok=True)
         ids = [run.train_step.plan.step_id for run in runs]
-        step_ends: dict[str, list[tuple[int, float, float]]] = {step_id: [] for step_id in ids}
         done = 0
 
         def on_event(kind: str, step_id: str, payload: dict) -> None:
             nonlocal done
-            if kind == "progress":
-                step_ends[step_id].append((payload["step"], payload["at"], payload["data_wait_s"]))
             if kind == "done":
                 done += 1
                 self.actors.label = ids[done] if done < len(ids) else None
@@ -229,35 +249,22 @@ class PoolBenchmark:
             ranks = [json.loads(p.read_text()) for p in sorted(records_dir.glob(f"{result_id(run)}.rank*.json"))]
             phases = result.phases
             plan = run.train_step.plan
-            late_steps, late_s, late_wait_s = second_half(step_ends[plan.step_id])
             figures.append(RunFigures(
                 variant=run.variant, teacher=run.teacher, note=run.note,
                 samples=result.num_steps * plan.micro_batch_size * plan.num_workers * plan.grad_accum,
+                first_batch_s=phases.get("first_batch_wait", 0.0),
                 train_s=phases.get("training", 0.0) + phases.get("data_wait", 0.0),
                 data_wait_s=phases.get("data_wait", 0.0),
-                first_batch_s=phases.get("first_batch_wait", 0.0),
                 pass_s=run.pass_s,
-                late_samples=late_steps * plan.micro_batch_size * plan.num_workers * plan.grad_accum,
-                late_s=late_s,
-                late_wait_s=late_wait_s,
-                peak_rss_bytes=max(r["peak_rss_bytes"] for r in ranks),
+                peak_private_bytes=max(r["peak_private_bytes"] for r in ranks),
+                peak_gpu_bytes=max(r["peak_gpu_bytes"] for r in ranks),
                 actors_max=max(self.actors.most.get(plan.step_id, 0), run.pass_actors),
                 signal_bytes_per_sample=sum(r["signal_bytes"] for r in ranks) / max(sum(r["samples"] for r in ranks), 1),
             ))
             self.log(f"[pools]   {plan.step_id}: {figures[-1].samples_per_s:.1f} samples/s, "
-                     f"{figures[-1].wait_share:.0%} waiting, peak RSS {figures[-1].peak_rss_bytes / 2**20:.0f} MiB")
+                     f"{figures[-1].wait_share:.0%} waiting, first batch {figures[-1].first_batch_s:.1f} s, "
+                     f"peak private memory {figures[-1].peak_private_bytes / 2**20:.0f} MiB")
         return figures
-
-
-def second_half(step_ends: list[tuple[int, float, float]]) -> tuple[int, float, float]:
-    """(optimizer steps, seconds, seconds waiting for data) of the second half of a run, from
-    rank 0's (step, end time, data wait) per optimizer step."""
-    if len(step_ends) < 2:
-        return 0, 0.0, 0.0
-    step_ends = sorted(step_ends)
-    middle = (len(step_ends) - 1) // 2
-    (first, start, _), (last, end, _) = step_ends[middle], step_ends[-1]
-    return last - first, end - start, sum(wait for _, _, wait in step_ends[middle + 1 :])
 
 
 def result_id(run: PlannedRun) -> str:
@@ -279,19 +286,15 @@ def run_matrix(bench: PoolBenchmark) -> list[RunFigures]:
         for i in range(scale.runs):  # interleaved, so that the variants share the machine's moods
             runs += [bench.plan("b", teacher, f"{teacher}-b{i}"), cached[i], bench.plan("d", teacher, f"{teacher}-d{i}", precomputed=precomputed)]
         if scale.gap_settings and teacher == list(scale.steps)[-1]:
-            for note, pool, dtype in (("autoscaling 1-2 actors", {"min_actors": 1, "max_actors": 2}, "bfloat16"),
-                                      ("2 actors", {"min_actors": 2, "max_actors": 2}, "bfloat16"),
-                                      ("pool batch 32", {"batch_size": 32}, "bfloat16"),
-                                      ("fp32 signal", {}, "float32")):
-                slug = note.replace(" ", "-")
-                runs.append(bench.plan("b", teacher, f"{teacher}-b-{slug}", note=note, pool=pool, value_dtype=dtype))
+            for index, (note, pool, dtype, data) in enumerate(GAP_SETTINGS):
+                runs.append(bench.plan("b", teacher, f"{teacher}-b-gap{index}", note=note, pool=pool, value_dtype=dtype, data=data))
         figures += bench.run_group(f"{teacher}-pools", runs)
 
         spec = bench.signal_spec(teacher)
         resident = CoResidentTeacher(bench.teacher_source(teacher), spec)
         runs = [bench.plan("a", teacher, f"{teacher}-a-warmup", max_steps=WARMUP_STEPS, coresident=resident, measured=False)]
         runs += [bench.plan("a", teacher, f"{teacher}-a{i}", coresident=resident) for i in range(scale.runs)]
-        if teacher == list(scale.steps)[-1]:
+        if teacher == list(scale.steps)[-1] and "tiny-ta" in bench.models:
             # A co-resident cascade holds the TA and the teacher in the student worker; the TA's stage runs.
             cascade = CoResidentTeacher(bench.teacher_source("tiny-ta"), spec, also_resident=(resident,))
             runs.append(bench.plan("a", teacher, f"{teacher}-a-cascade", note=CASCADE_NOTE, coresident=cascade))

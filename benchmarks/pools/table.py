@@ -26,43 +26,40 @@ class RunFigures:
     teacher: str
     samples: int
     """Samples the student trained on (all workers)."""
+    first_batch_s: float
+    """Rank 0's seconds until its first batch arrived: the data pipeline's start and, streamed,
+    the pool's start and whatever it computes before its first output reaches the student."""
     train_s: float
-    """Rank 0's training + data-wait seconds after its first batch arrived."""
+    """Rank 0's training + data-wait seconds after its first batch."""
     data_wait_s: float
     """Of `train_s`, the seconds the student waited for its next batch."""
-    first_batch_s: float
-    """Seconds until the first batch arrived (the data pipeline's start, and a streamed pool's)."""
     pass_s: float
     """The teacher pass into the signal cache, before training (c only)."""
-    late_samples: int
-    late_s: float
-    """Samples trained in the run's second half of optimizer steps, and its seconds (rank 0's
-    step-end times): the steady rate, after a streamed pool has used up the lead it built while
-    the student waited for its first batch."""
-    late_wait_s: float
-    """Of the second half's step times, rank 0's seconds waiting for data."""
-    peak_rss_bytes: int
-    """Peak resident set of the largest student worker process during the run."""
+    peak_private_bytes: int
+    """Peak private (anonymous) resident memory of the largest student worker during the run."""
     actors_max: int
     """Most teacher actor processes alive at once during the run (and its pass)."""
     signal_bytes_per_sample: float
     note: str = ""
-
-    @property
-    def training_rate(self) -> float:
-        return self.late_samples / self.late_s if self.late_s > 0 else self.samples / self.train_s
+    peak_gpu_bytes: int = 0
+    """Most GPU memory torch allocated in the largest student worker during the run (0 on CPU)."""
 
     @property
     def samples_per_s(self) -> float:
-        """The student's steady rate; (c) also pays its teacher pass: its samples over the pass
-        plus their training at the steady rate."""
-        return self.samples / (self.pass_s + self.samples / self.training_rate)
+        """The student's rate once data flows: its samples over its seconds after the first batch
+        arrived; (c) also pays its teacher pass, its actor's start included."""
+        return self.samples / (self.pass_s + self.train_s)
+
+    @property
+    def whole_run_samples_per_s(self) -> float:
+        """The same with the wait for the first batch (the pipeline's and a streamed pool's
+        start) counted: what a run this short costs. Worker start and engine build, paid alike
+        by every variant, are left out."""
+        return self.samples / (self.pass_s + self.first_batch_s + self.train_s)
 
     @property
     def wait_share(self) -> float:
-        """Share of the student's steady time spent waiting for its next batch."""
-        if self.late_s > 0:
-            return self.late_wait_s / self.late_s
+        """Share of the student's time after its first batch spent waiting for data."""
         return self.data_wait_s / self.train_s if self.train_s else 0.0
 
 
@@ -80,6 +77,10 @@ class Row:
         return statistics.median(r.samples_per_s for r in self.runs)
 
     @property
+    def whole_run_rate(self) -> float:
+        return statistics.median(r.whole_run_samples_per_s for r in self.runs)
+
+    @property
     def rate_range(self) -> tuple[float, float]:
         rates = [r.samples_per_s for r in self.runs]
         return min(rates), max(rates)
@@ -88,10 +89,14 @@ class Row:
         return statistics.median(getattr(r, name) for r in self.runs)
 
     @property
-    def peak_rss_bytes(self) -> int:
-        """The lowest of the runs' peaks: a worker's heap grows by a few MiB with each step its
-        group trains, so the run earliest in its group is the one comparable across groups."""
-        return min(r.peak_rss_bytes for r in self.runs)
+    def peak_private_bytes(self) -> int:
+        """The lowest of the runs' peaks (the run earliest in its group: a worker's heap can grow
+        a little with each step its group trains)."""
+        return min(r.peak_private_bytes for r in self.runs)
+
+    @property
+    def peak_gpu_bytes(self) -> int:
+        return min(r.peak_gpu_bytes for r in self.runs)
 
 
 def group_rows(runs: list[RunFigures]) -> list[Row]:
@@ -109,30 +114,36 @@ def find(rows: list[Row], variant: str, teacher: str, note: str = "") -> Row | N
 
 
 def ratios(rows: list[Row], teacher: str, cascade_note: str | None = None) -> dict[str, float]:
-    """The issue's ratios for one teacher, from the median rates and peak RSS: (b)/(a), (b)/(d),
+    """The issue's ratios for one teacher, from the median rates and peak memory: (b)/(a), (b)/(d),
     (c)/(a) on samples/s, and the student worker's peak memory (b)/(a), also against the
     co-resident cascade row (TA and teacher both loaded) when `cascade_note` names it."""
     a, b, c, d = (find(rows, v, teacher) for v in "abcd")
     out: dict[str, float] = {}
     if a and b:
         out["(b)/(a) samples/s"] = b.rate / a.rate
-        out["(b)/(a) student worker peak RSS"] = b.peak_rss_bytes / a.peak_rss_bytes
+        out["(b)/(a) samples/s, whole runs"] = b.whole_run_rate / a.whole_run_rate
+        out["(b)/(a) student worker peak memory"] = b.peak_private_bytes / a.peak_private_bytes
+    if a and b and a.peak_gpu_bytes:
+        out["(b)/(a) student worker peak GPU memory"] = b.peak_gpu_bytes / a.peak_gpu_bytes
     if b and d:
         out["(b)/(d) samples/s"] = b.rate / d.rate
     if c and a:
         out["(c)/(a) samples/s"] = c.rate / a.rate
     cascade = find(rows, "a", teacher, cascade_note) if cascade_note else None
     if b and cascade:
-        out["(b)/(a, TA + teacher co-resident) student worker peak RSS"] = b.peak_rss_bytes / cascade.peak_rss_bytes
+        out["(b)/(a, TA + teacher co-resident) student worker peak memory"] = b.peak_private_bytes / cascade.peak_private_bytes
     return out
 
 
-HEADER = ("| variant | teacher | runs | samples / run | student samples/s, median (min-max) | waiting for data | "
-          "first batch (s) | teacher pass (s) | student worker peak RSS, lowest run (MiB) | teacher actors alive (max) | signal bytes / sample |")
+HEADER = ("| variant | teacher | runs | samples / run | student samples/s after its first batch, median (min-max) | "
+          "waiting for data | first batch (s) | whole-run samples/s | teacher pass (s) | student worker peak private memory (MiB) | teacher actors alive (max) | "
+          "signal bytes / sample |")
 
 
 def markdown_table(rows: list[Row]) -> str:
-    lines = [HEADER, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    on_gpu = any(row.peak_gpu_bytes for row in rows)
+    header = HEADER + (" student worker peak GPU memory (GiB) |" if on_gpu else "")
+    lines = [header, "|---|---|" + "---:|" * (10 + on_gpu)]
     for row in rows:
         low, high = row.rate_range
         label = row.variant + (f", {row.note}" if row.note else "")
@@ -140,9 +151,10 @@ def markdown_table(rows: list[Row]) -> str:
         crossing = "" if row.variant != "a" else " (in-process)"
         lines.append(
             f"| {label} | {row.teacher} | {len(row.runs)} | {row.runs[0].samples} | {row.rate:.1f} ({low:.1f}-{high:.1f}) | "
-            f"{row.median('wait_share'):.0%} | {row.median('first_batch_s'):.1f} | {pass_s} | "
-            f"{row.peak_rss_bytes / MIB:.0f} | {max(r.actors_max for r in row.runs)} | "
+            f"{row.median('wait_share'):.0%} | {row.median('first_batch_s'):.1f} | {row.whole_run_rate:.1f} | {pass_s} | "
+            f"{row.peak_private_bytes / MIB:.0f} | {max(r.actors_max for r in row.runs)} | "
             f"{row.median('signal_bytes_per_sample'):,.0f}{crossing} |"
+            + (f" {row.peak_gpu_bytes / 2**30:.2f} |" if on_gpu else "")
         )
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@
   runs the same `TeacherForward` as the pool's actors, so both make the same signal.
 * `SignalMeter`: the step's signal decoder, counting the signal bytes and samples it decodes.
 * `bench_worker`: the worker loop of the benchmark's groups: the real `run_one_step` per step,
-  each step's shard opened only when the step begins, and the worker's peak RSS per step.
+  each step's shard opened only when the step begins, and the worker's peak memory per step.
 """
 
 from __future__ import annotations
@@ -66,16 +66,35 @@ class SignalMeter:
         return self.decode(batch, device=device)
 
 
-def reset_peak_rss() -> None:
-    """Resets this process's peak resident set size (VmHWM) to its current RSS (Linux)."""
-    Path("/proc/self/clear_refs").write_text("5")
+class PeakPrivateMemory:
+    """Samples this process's anonymous resident memory (RssAnon: its heap, models, optimizer
+    state, activations; not the shared libraries, nor the object store's shared pages it has
+    read) every `interval_s` on a thread, keeping the peak (Linux)."""
 
+    def __init__(self, interval_s: float = 0.02):
+        import threading
 
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS needs Linux")
+        self.peak_bytes = self.read()
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._thread = threading.Thread(target=self._run, name="peak-private-memory", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def read() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no RssAnon in /proc/self/status: the peak memory figure needs Linux")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.peak_bytes = max(self.peak_bytes, self.read())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak_bytes, self.read())
 
 
 def bench_worker(config: dict, session=None) -> None:
@@ -83,16 +102,20 @@ def bench_worker(config: dict, session=None) -> None:
     `train_worker` takes them) one after the other. Unlike `train_worker`, a step's shard is
     opened only when the step begins: reading the next step's first batch during this one would
     run the next teacher pool beside the step being measured. Writes a JSON record per step and
-    rank to `config["records_dir"]`: peak RSS during the step, signal bytes and samples decoded,
-    and the co-resident teacher's load time."""
+    rank to `config["records_dir"]`: peak private memory during the step (and peak GPU memory),
+    signal bytes and samples decoded, and the co-resident teacher's load time."""
+    import torch
+
     from ckd_ray.train.loop import ShardPrefetch, ray_train_session, run_one_step
 
     session = session or ray_train_session()
     events = config.get("events")
     for index, (plan, meter) in enumerate(config["steps"]):
         if meter.attach is not None:
-            meter.attach.load(session.device)  # before the reset: the loaded teacher stays resident
-        reset_peak_rss()
+            meter.attach.load(session.device)  # once per group; it stays resident, so every step's peak holds it
+        memory = PeakPrivateMemory()
+        if session.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(session.device)
         data = ShardPrefetch(session, f"train-{index}", plan.micro_batch_size)
 
         def emit(kind: str, payload: dict, step_id: str = plan.step_id) -> None:
@@ -100,7 +123,8 @@ def bench_worker(config: dict, session=None) -> None:
                 events.put((kind, step_id, {**payload, "at": time.time()}))
 
         run_one_step(plan, meter, None, data, session, emit)
-        record = {"step_id": plan.step_id, "rank": session.rank, "peak_rss_bytes": peak_rss_bytes(),
+        record = {"step_id": plan.step_id, "rank": session.rank, "peak_private_bytes": memory.stop(),
+                  "peak_gpu_bytes": torch.cuda.max_memory_allocated(session.device) if session.device.type == "cuda" else 0,
                   "signal_bytes": meter.signal_bytes, "samples": meter.samples,
                   "teacher_load_s": meter.attach.load_s if meter.attach is not None else 0.0}
         Path(config["records_dir"], f"{plan.step_id}.rank{session.rank}.json").write_text(json.dumps(record))
