@@ -16,8 +16,12 @@ of 5.7M (`tiny-teacher`) and 25.7M (`small-teacher`), all in one Ray session:
 * (d) the limit: the student on precomputed signal held in the object store.
 
 Every run is a real DFT step (`run_one_step`, DeepSpeed ZeRO-2, 2 workers) on the bundled
-benchmark. Per run: the student's samples/s (rank 0's training and data-wait seconds after its
-first batch; for (c) the teacher pass added), its share waiting for data, the peak RSS of the
-largest student worker process during the run, the most teacher actors alive at once, and the
-signal bytes per sample its decoder saw. Medians over `--runs` runs, min-max beside.
+benchmark, read and preprocessed 32 records at a time (one optimizer step's worth: a pool
+stage hands its output on one block at a time, see `matrix.STREAM_BLOCK`). Per run: the student's samples/s after its first batch
+arrived (rank 0's training and data-wait seconds; for (c) the teacher pass added) and over the
+whole run (the first batch's wait, where a streamed pool's start lands, counted too), its share
+waiting for data, the peak private memory (RssAnon) of the largest student worker process, the
+most teacher actors alive at once, and the signal bytes per sample its decoder saw. Medians over
+`--runs` runs, min-max beside. Teachers and student have random weights: speed and memory do not
+depend on them.
 """

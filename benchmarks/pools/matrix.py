@@ -24,15 +24,18 @@ from benchmarks.pools.worker import CoResidentTeacher, SignalMeter, bench_worker
 ROLES = {"student": "tiny-student", "tiny-ta": "tiny-ta", "tiny-teacher": "tiny-teacher", "small-teacher": "small-teacher"}
 CASCADE_NOTE = "cascade: TA runs, TA + teacher both loaded"
 WARMUP_STEPS = 2
-# A pool stage hands the student its output one input block at a time, and a block is a read
-# task's records (`data.records_per_read_task`, 2,048 by default: a whole run here, so the
-# student would wait for the whole pass). Every run here reads STREAM_BLOCK records a task, one
-# optimizer step's worth, so a streamed pool's output reaches the student as it is made; the
-# first gap setting shows the default.
+# A streamed pool reaches the student one block at a time, and Ray Train's equal split holds a
+# block back until the other worker can be given as many rows: with the data pipeline's
+# defaults (2,048 records a read task, preprocessing batches of 256) a run this size is one or
+# two blocks, so the student would wait for the whole pass. Every run here reads and
+# preprocesses STREAM_BLOCK records at a time, one optimizer step's worth, so a streamed pool's
+# output reaches the student as it is made; the first gap setting shows the defaults.
 STREAM_BLOCK = 32
+STREAM_DATA = {"records_per_read_task": STREAM_BLOCK, "preprocess_batch_size": STREAM_BLOCK}
 # The streamed pool's settings tried on the larger teacher, where one actor cannot keep up.
 GAP_SETTINGS = (
-    ("read tasks of 2,048 records (the default)", {}, "bfloat16", {"records_per_read_task": 2048}),
+    ("the data pipeline's default blocks (2,048 / 256 records)", {}, "bfloat16",
+     {"records_per_read_task": 2048, "preprocess_batch_size": 256}),
     ("autoscaling 1-2 actors", {"min_actors": 1, "max_actors": 2}, "bfloat16", {}),
     ("2 actors", {"min_actors": 2, "max_actors": 2}, "bfloat16", {}),
     ("2 actors, pool batch 32", {"min_actors": 2, "max_actors": 2, "batch_size": 32}, "bfloat16", {}),
@@ -140,8 +143,8 @@ class PoolBenchmark:
             "seed": 0,
             "models": {"student": {"path": self.models["student"], "dtype": self.scale.model_dtype},
                        "teacher": {"path": self.models[teacher], "dtype": self.scale.model_dtype}},
-            "data": {"benchmark_root": str(self.benchmark_root), "max_length": self.scale.max_length,
-                     "records_per_read_task": STREAM_BLOCK, **(data or {})},
+            "data": {"benchmark_root": str(self.benchmark_root), "max_length": self.scale.max_length, **STREAM_DATA,
+                     **(data or {})},
             "cascade": {"prepare_teachers": False, "stages": [{"teacher": "teacher", "steps": ["DFT"]}]},
             "signal": {**self.scale.signal, "value_dtype": value_dtype},
             "teacher_pool": {"num_cpus": 1, "min_actors": 1, "max_actors": 1, "batch_size": 16, **self.scale.teacher_pool,
@@ -159,7 +162,7 @@ class PoolBenchmark:
         job's step budget)."""
         from ckd_ray.cascade.datasets import StepData
 
-        key = (job.trainer.max_steps, job.data.records_per_read_task)
+        key = (job.trainer.max_steps, job.data.records_per_read_task, job.data.preprocess_batch_size)
         if key not in self._data:
             self._data[key] = StepData(job, job.run_uri)
         return self._data[key]
