@@ -51,11 +51,12 @@ def test_preset_forward_returns_logits_attentions_hidden_states(name):
 
 
 def test_presets_rise_in_capacity_and_share_vision_and_vocab():
-    counts = {name: count_parameters(build_preset(name)) for name in ("tiny-student", "tiny-ta", "tiny-teacher")}
-    assert counts["tiny-student"] < counts["tiny-ta"] < counts["tiny-teacher"]
+    counts = {name: count_parameters(build_preset(name)) for name in TINY_PRESETS}
+    assert counts["tiny-student"] < counts["tiny-ta"] < counts["tiny-teacher"] < counts["small-teacher"]
     assert 0.2e6 < counts["tiny-student"] < 0.5e6
     assert 1.0e6 < counts["tiny-ta"] < 2.0e6
     assert 4.5e6 < counts["tiny-teacher"] < 8.0e6
+    assert 20e6 < counts["small-teacher"] < 30e6
     configs = [preset_config(n) for n in TINY_PRESETS]
     assert len({c.vision_config.to_json_string() for c in configs}) == 1
     assert len({c.text_config.vocab_size for c in configs}) == 1

@@ -16,7 +16,7 @@ class ModelSpec(Section):
     tokenizer / image processor files."""
 
     preset: str | None = None
-    """Name of a built-in preset (tiny-student, tiny-ta, tiny-teacher); mutually exclusive with path."""
+    """Name of a built-in preset (tiny-student, tiny-ta, tiny-teacher, small-teacher); mutually exclusive with path."""
     path: str | None = None
     """Hugging Face model directory, local or s3://bucket/prefix; mutually exclusive with preset."""
     trust_remote_code: bool = False

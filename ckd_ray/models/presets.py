@@ -3,6 +3,7 @@ paper's real sizes, described so that a directory holding them can be checked be
 
 All tiny presets share one SigLIP vision tower config and one tokenizer (the bundled benchmark's),
 so any of them can teach any other; capacity rises student < TA < teacher (~0.3M, 1.5M, 6M).
+`small-teacher` (~26M) is a larger teacher for measuring how a teacher's cost grows with its size.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ TINY_PRESETS = {
     "tiny-student": Preset("tiny-student", TextTower(96, 256, 2, 4, 2, TINY_VOCAB_SIZE), True),
     "tiny-ta": Preset("tiny-ta", TextTower(192, 512, 3, 4, 2, TINY_VOCAB_SIZE), True),
     "tiny-teacher": Preset("tiny-teacher", TextTower(288, 768, 6, 4, 2, TINY_VOCAB_SIZE), True),
+    "small-teacher": Preset("small-teacher", TextTower(512, 1536, 8, 8, 4, TINY_VOCAB_SIZE), True),
 }
 
 # The paper's sizes (SigLIP-B/14-384 + Qwen2.5 LLMs). Loaded from a directory (`model.path`);

@@ -36,21 +36,9 @@ class TeacherActor:
     of `spec` to every batch it is given, and counts batches, latency and signal bytes."""
 
     def __init__(self, source: TeacherSource, spec: SignalSpec):
-        import torch
-
-        from ckd_ray.models.builder import load_model, resolve_dtype
         from ckd_ray.observability.metrics import GpuSampler, TeacherPoolMetrics
-        from ckd_ray.teachers.forward import TeacherForward
 
-        on_gpu = torch.cuda.is_available()
-        # Attention maps need eager attention (SDPA does not return them): only when requested.
-        model = load_model(
-            source.model_uri,
-            attn_implementation="eager" if spec.attention_layers else "sdpa",
-            dtype=resolve_dtype(source.dtype, on_gpu),
-            trust_remote_code=source.trust_remote_code,
-        ).to("cuda" if on_gpu else "cpu")
-        self.forward_pass = TeacherForward(model, spec, source.shared_vocab_size)
+        self.forward_pass = load_teacher_forward(source, spec)
         self.metrics = TeacherPoolMetrics(**_metric_tags(source.labels))
         self.metrics.actor_started()
         self.gpu_sampler = GpuSampler("teacher", source.labels.get("job", ""), source.gpu_poll_seconds).start()
@@ -73,6 +61,25 @@ class TeacherActor:
         sampler = getattr(self, "gpu_sampler", None)
         if sampler is not None:
             sampler.stop()
+
+
+def load_teacher_forward(source: TeacherSource, spec: SignalSpec, device=None):
+    """The frozen teacher of `source` as a `TeacherForward` for `spec`, on `device` (default: the
+    GPU when there is one): bf16 on GPU unless `source.dtype` says otherwise."""
+    import torch
+
+    from ckd_ray.models.builder import load_model, resolve_dtype
+    from ckd_ray.teachers.forward import TeacherForward
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Attention maps need eager attention (SDPA does not return them): only when requested.
+    model = load_model(
+        source.model_uri,
+        attn_implementation="eager" if spec.attention_layers else "sdpa",
+        dtype=resolve_dtype(source.dtype, device.type == "cuda"),
+        trust_remote_code=source.trust_remote_code,
+    ).to(device)
+    return TeacherForward(model, spec, source.shared_vocab_size)
 
 
 def _metric_tags(labels: dict[str, str]) -> dict[str, str]:
