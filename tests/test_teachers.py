@@ -189,28 +189,57 @@ def test_bytes_per_sample_at_paper_scale():
 
 @pytest.mark.ray
 def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_the_waiter(ray_local, tmp_path):
-    """A deferred pass (the cascade runs a segment's passes while its group trains): the reader
-    made before the entry exists lists its files only once they are written, and a waiter of a
-    pass that fails gets the pass's error instead of waiting forever."""
+    """Deferred passes (the cascade runs them while its one worker group trains): a pass whose
+    teacher the group trains first starts only once that teacher's export is complete; the
+    reader made before any entry exists lists its files once the pass's ticket names them; a
+    waiter of a pass that fails gets the pass's error instead of waiting forever; a pass whose
+    teacher never comes ends when the group stops."""
+    import time
+
     import ray.data
 
+    from ckd_ray.cascade.signal import DeferredPass, ExportGate
     from ckd_ray.cascade.steps import TeacherPasses
     from ckd_ray.teachers.cache import SignalCache, TeacherPassFailed
+    from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
 
     cache = SignalCache(str(tmp_path / "cache"))
-    reader = cache.read("good", when_written=True)  # before the entry exists
+    good, bad = str(tmp_path / "good.json"), str(tmp_path / "bad.json")
+    reader = cache.read_when_ready(good)  # before the entry, or even its key, exists
     rows = ray.data.from_items([{"sample_id": f"s{i}", "x": i} for i in range(6)])
+    export = tmp_path / "ta-export"
+    ran = []
+
+    def write_good() -> str:
+        ran.append("good")
+        cache.write(rows, "good", {})
+        return "good"
 
     def fail(batch):
         raise ValueError("the teacher ran out of memory")
 
-    passes = TeacherPasses([lambda: cache.write(rows, "good", {}), lambda: cache.write(rows.map_batches(fail), "bad", {})], 2)
-    cache.wait_for("good")
+    gate = ExportGate(str(export), poll_s=0.05)
+    passes = TeacherPasses([DeferredPass(lambda: cache.run_ticketed(good, write_good), "s1", gate),
+                            DeferredPass(lambda: cache.run_ticketed(bad, lambda: cache.write(rows.map_batches(fail), "bad", {})["key"]), "s2")],
+                           2, poll_s=0.05)
+    with pytest.raises(TeacherPassFailed, match="the teacher pass of .*bad.json failed: .*UserCodeException"):
+        cache.wait_for_ticket(bad)  # the ungated pass ran, while the gated one still waits for its teacher
+    time.sleep(0.3)
+    assert ran == [] and not (tmp_path / "good.json").exists()
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"weights first")
+    time.sleep(0.3)
+    assert ran == []  # an export without its summary is still being written
+    (export / STEP_SUMMARY_FILE).write_text("{}")
+    assert cache.wait_for_ticket(good) == "good" and ran == ["good"]
     assert reader.take_all() == cache.read("good").take_all()  # the rows, in the order a read made afterwards gives
     assert sorted(row["x"] for row in reader.take_all()) == list(range(6))
-    with pytest.raises(TeacherPassFailed, match="the teacher pass writing signal cache entry bad failed: .*UserCodeException"):
-        cache.wait_for("bad")
     with pytest.raises(Exception, match="the teacher ran out of memory"):
         passes.join()  # the driver gets the pass's own error, with its traceback
     cache.clear_failure("bad")  # a new run forgets it before it waits again
     assert cache.lookup("bad") is None and not (tmp_path / "cache" / "bad" / "_FAILED.json").exists()
+
+    never = TeacherPasses([DeferredPass(lambda: ran.append("never"), "s3", ExportGate(str(tmp_path / "no-export")))], 1, poll_s=0.05)
+    never.stop()  # the group failed: its export will not come
+    never.join()
+    assert ran == ["good"]

@@ -21,7 +21,7 @@ from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
 from ckd_ray.cascade.steps import TeacherPasses, prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig, RayConfig
-from ckd_ray.evaluate import evaluate_model, knowledge_preservation
+from ckd_ray.evaluate import evaluate_models, knowledge_preservation
 from ckd_ray.train.run import RUN_FOLDER
 
 
@@ -118,7 +118,9 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
     _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {p.teacher for p in plan if p.teacher} | {"student"})
     histories: dict[str, list[dict]] = {}
-    for segment in split_segments(plan):
+    # One worker group for the whole plan when passes can wait for their teacher beside it (the
+    # cache holds what they write); a streamed teacher needs its model before the group starts.
+    for segment in split_segments(plan, one_group=job.teacher_pool.use_cache):
         pending = []
         for planned in segment:
             if manifest.done(planned.step_id):
@@ -140,19 +142,23 @@ def _label(plan: list[PlannedStep], planned: PlannedStep) -> str:
 
 def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: list[PlannedStep], manifest: Manifest, data: StepData, histories, metrics,
                    log, progress: bool) -> None:
-    """Prepares the segment's steps on the driver (data plans, teacher passes), then trains them
-    on one worker group (with `teacher_pool.overlap_training` the passes run beside the group
-    instead, `TeacherPasses`: a step's workers wait for its own pass only), recording each step
-    in the manifest as the group reports it. The stages that end in the segment are evaluated after it: on a small machine an evaluation
-    beside the training group only takes its cores, and each step's phases stay its own."""
+    """Prepares the segment's steps on the driver (data plans, and the teacher passes whose
+    teachers exist), then trains them on one worker group, recording each step in the manifest
+    as the group reports it. The passes of teachers the group trains itself (and, with
+    `teacher_pool.overlap_training`, every pass) run beside it (`TeacherPasses`): a step's
+    workers wait for its own pass only. The stages that end in the segment are evaluated after
+    it: on a small machine an evaluation beside the training group only takes its cores, and
+    each step's phases stay its own."""
+    import threading
+
     from ckd_ray.train.run import read_step_result, run_steps
 
     run_uri = job.run_uri
     # Named after the segment's first step, pending or not: a resubmission finds the same folder.
     segment_name = f"{RUN_FOLDER}/{segment[0].step_id}"
-    passes: list = []  # with overlap_training, the teacher passes still to run: they run while the group trains
-    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log,
-                            deferred=passes if job.teacher_pool.overlap_training else None)
+    passes: list = []  # the teacher passes to run while the group trains
+    stopped = threading.Event()
+    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log, deferred=passes, stopped=stopped)
     prepared = {planned.step_id: step for planned, step in zip(pending, steps)}
     by_id = {planned.step_id: planned for planned in pending}
     clock = {"last": None}
@@ -182,10 +188,11 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
             _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log)
 
     steps = [prepared[p.step_id].train_step for p in pending]
-    teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes)
+    teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes, stopped)
     try:
         results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event)
     except BaseException:
+        teacher_passes.stop()  # passes still waiting for a teacher the group will not export
         if teacher_passes.errors:  # workers that waited for a failed pass stop with its error: name the pass's own
             raise teacher_passes.errors[0] from None
         raise
@@ -193,9 +200,7 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     for planned, result in zip(pending, results):  # steps whose events were lost (a restart) are recorded here
         if not manifest.done(planned.step_id):
             _record_done(job, plan, planned, prepared[planned.step_id], {}, result, manifest, data, histories, metrics, clock, log)
-    for planned in segment:
-        if _last_of_stage(plan, planned):
-            _evaluate(job, manifest, planned, data, log)
+    _evaluate_stages(job, manifest, [planned for planned in segment if _last_of_stage(plan, planned)], data, log)
 
 
 def _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log) -> None:
@@ -269,36 +274,58 @@ def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str,
     manifest.save()
 
 
-def _evaluate(job: JobConfig, manifest: Manifest, planned: PlannedStep, data, log) -> None:
-    """Scores the stage's learner on the held-out split; a distillation stage also scores its
-    teacher (for knowledge preservation). A checkpoint already scored is not scored again."""
+def _evaluate_stages(job: JobConfig, manifest: Manifest, ended: list[PlannedStep], data, log) -> None:
+    """Scores the learner of each stage in `ended` (its last step) on the held-out split; a
+    distillation stage also scores its teacher (for knowledge preservation). The models not
+    scored yet are scored together (each evaluation is its own one-CPU task, so a segment's
+    evaluations run side by side), then each stage's entry is filled in order."""
+    if not ended:
+        return
     rows = data.evaluation_rows()  # read once per job
-    name = f"{planned.stage.label} ({planned.learner})"
-    # The models of that step: later steps of the same worker group may have moved the roles on.
-    step = manifest.steps[planned.step_id]
-    entry = _scores_of(job, manifest, name, step["model_uri"], rows)
-    if planned.teacher:
-        teacher_uri = step.get("teacher_uri") or manifest.roles[planned.teacher]
-        teacher = _scores_of(job, manifest, f"teacher {planned.teacher} of {planned.stage.label}", teacher_uri, rows)
-        entry["knowledge_preservation"] = knowledge_preservation(entry["scores"], teacher["scores"])
-        entry["teacher"] = teacher["model_uri"]
+    wanted = []
+    for planned in ended:
+        # The models of that step: later steps of the same worker group may have moved the roles on.
+        step = manifest.steps[planned.step_id]
+        wanted.append((f"{planned.stage.label} ({planned.learner})", step["model_uri"]))
+        if planned.teacher:
+            wanted.append((f"teacher {planned.teacher} of {planned.stage.label}", step.get("teacher_uri") or manifest.roles[planned.teacher]))
+    scored = {entry["model_uri"] for entry in manifest.evaluations.values()}
+    todo = list(dict((uri, name) for name, uri in wanted if uri not in scored).items())
+    if todo:
+        results = evaluate_models([uri for uri, _ in todo], rows, job.evaluation, use_gpu=job.trainer.use_gpu)
+        for (uri, name), result in zip(todo, results):
+            _record_scores(job, manifest, name, uri, result)
+    for planned in ended:
+        step = manifest.steps[planned.step_id]
+        name = f"{planned.stage.label} ({planned.learner})"
+        entry = _scores_of(manifest, name, step["model_uri"])
+        if planned.teacher:
+            teacher_uri = step.get("teacher_uri") or manifest.roles[planned.teacher]
+            teacher = _scores_of(manifest, f"teacher {planned.teacher} of {planned.stage.label}", teacher_uri)
+            entry["knowledge_preservation"] = knowledge_preservation(entry["scores"], teacher["scores"])
+            entry["teacher"] = teacher["model_uri"]
+        scores = entry["scores"]
+        log(f"[cascade] eval {name}: average {scores['average']:.3f}, accuracy {scores['accuracy']:.3f} on {int(scores['num_samples'])} samples")
     manifest.save()
-    scores = entry["scores"]
-    log(f"[cascade] eval {name}: average {scores['average']:.3f}, accuracy {scores['accuracy']:.3f} on {int(scores['num_samples'])} samples")
 
 
-def _scores_of(job: JobConfig, manifest: Manifest, name: str, model_uri: str, rows) -> dict:
-    """The manifest's evaluation entry of `model_uri` (scored now unless it already was)."""
+def _scores_of(manifest: Manifest, name: str, model_uri: str) -> dict:
+    """The manifest's evaluation entry of `model_uri`, filed under `name` (an entry of the same
+    model under another name is shared: a checkpoint is scored once)."""
+    if name in manifest.evaluations and manifest.evaluations[name]["model_uri"] == model_uri:
+        return manifest.evaluations[name]
     for entry in manifest.evaluations.values():
         if entry["model_uri"] == model_uri:
             return entry
-    result = evaluate_model(model_uri, rows, job.evaluation, use_gpu=job.trainer.use_gpu)
+    raise KeyError(f"no evaluation of {model_uri} in the manifest")
+
+
+def _record_scores(job: JobConfig, manifest: Manifest, name: str, model_uri: str, result: dict) -> None:
     # Every answer next to its reference, so a score can be checked (e.g. a model that always says "no").
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
     predictions_uri = storage.join(job.run_uri, "evaluations", f"{slug}.jsonl")
     storage.write_bytes(predictions_uri, "".join(json.dumps(record) + "\n" for record in result["records"]).encode())
     manifest.evaluations[name] = {"scores": result["scores"], "model_uri": model_uri, "predictions_uri": predictions_uri}
-    return manifest.evaluations[name]
 
 
 def _metrics_note(job: JobConfig) -> str:

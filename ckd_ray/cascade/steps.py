@@ -3,9 +3,10 @@
 (trials and the stages trained in full between searches) go through here, so a trial trains
 exactly as a cascade step does.
 
-Consecutive steps train on one worker group (`train_segment`); a new group is started only
-where a step's teacher is a model the group itself has just trained (the teacher pass needs
-that model on storage first).
+Consecutive steps train on one worker group (`split_segments`): the cascade trains its whole
+plan on one group, and a pass whose teacher the group has yet to train runs beside it once that
+teacher is exported; Tune's stages start a new group where a step's teacher is a model the group
+itself has just trained.
 """
 
 from __future__ import annotations
@@ -219,13 +220,14 @@ def _attach_signal(draft: _StepDraft, deferred: list | None = None) -> PreparedS
         started, waiting = time.perf_counter(), len(deferred) if deferred is not None else 0
         train_dataset, spec, teacher_pass = attach_teacher_signal(
             job, options["signal_planned"] or planned, options["teacher_uri"], options["vocab_learner_uri"], train_dataset,
-            draft.data, options["log"], deferred=deferred,
+            draft.data, options["log"], deferred=deferred, ticket_uri=options.get("ticket_uri"),
+            teacher_ready=options.get("teacher_ready"),
         )
         decoder = default_signal_decoder(job, trained.loss.attention_layers, spec)
         if deferred is not None and len(deferred) > waiting:
             # The pass runs while the group trains: its planned row count sizes the schedule (the
             # pass writes the same rows; rejected records only end the epoch a little earlier).
-            await_signal = partial(SignalCache(job.signal_cache_uri).wait_for, teacher_pass["key"])
+            await_signal = partial(SignalCache(job.signal_cache_uri).wait_for_ticket, options["ticket_uri"])
         else:
             phases["teacher_pass"] = time.perf_counter() - started
             num_rows = teacher_pass.get("samples", num_rows)
@@ -238,76 +240,111 @@ def _attach_signal(draft: _StepDraft, deferred: list | None = None) -> PreparedS
 
 
 def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], *, output_uri: str, log,
-                    suffix: str = "", deferred: list | None = None) -> list[PreparedStep]:
+                    suffix: str = "", deferred: list | None = None, stopped=None) -> list[PreparedStep]:
     """Prepares a segment's steps. Each step starts from `roles[learner]` and moves it to its own
     export, `<output_uri>/steps/<step_id><suffix>/model`, so the next step of the learner starts
     from a model the group has yet to train (`roles` is updated in place). The datasets are
-    planned in order on this thread; the teacher passes then run `teacher_pool.concurrent_passes`
-    at a time: a segment's teachers are never trained inside it (`split_segments`), so its passes
-    do not depend on each other, and one pass alone leaves cores (or a teacher's GPUs) idle.
-    With `deferred` (a list) the passes are not run here but appended to it, in step order, for
-    `TeacherPasses` to run while the group trains."""
+    planned in order on this thread.
+
+    A pass whose teacher the segment itself trains (a TA prepared, then teaching, in one group)
+    cannot run before the group: it is appended to `deferred` (required then) with an
+    `ExportGate` on that teacher's export, to run beside the group once the export is written
+    (`stopped`, a threading.Event, ends the gate's wait when the group fails). The other passes
+    run here, `teacher_pool.concurrent_passes` at a time (they do not depend on each other, and
+    one pass alone leaves cores, or a teacher's GPUs, idle), or, with
+    `teacher_pool.overlap_training`, go to `deferred` as well."""
+    from ckd_ray.cascade.signal import ExportGate
+
     existing = dict(roles)
-    drafts = []
+    trained_here: dict[str, str] = {}  # role -> the export of its latest step in this segment
+    drafts, gated = [], []
     for planned in segment:
         record_id = f"{planned.step_id}{suffix}"
         export_uri = storage.join(output_uri, "steps", record_id, EXPORT_FOLDER)
+        teacher_ready = None
+        if planned.distills and planned.teacher in trained_here:
+            if deferred is None:
+                raise ValueError(f"step {planned.step_id} learns from {planned.teacher!r}, trained earlier in the same worker group: "
+                                 "its pass must run beside the group (pass `deferred`)")
+            teacher_ready = ExportGate(trained_here[planned.teacher], stopped)
         drafts.append(_plan_data(
             job, planned, data, with_validation=True, val_dataset=None, init_model_uri=roles[planned.learner],
             teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
             vocab_learner_uri=existing[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{record_id}/", log=log,
-            signal_planned=None, trained=None, trainer_job=None,
+            signal_planned=None, trained=None, trainer_job=None, teacher_ready=teacher_ready,
+            ticket_uri=storage.join(output_uri, "steps", record_id, "teacher_signal.json"),
         ))
+        gated.append(teacher_ready is not None)
         roles[planned.learner] = export_uri
-    if deferred is not None:
-        return [_attach_signal(draft, deferred) for draft in drafts]
-    passes = sum(1 for draft in drafts if draft.planned.distills)
+        trained_here[planned.learner] = export_uri
+    later = [i for i, draft in enumerate(drafts) if gated[i] or (deferred is not None and job.teacher_pool.overlap_training)]
+    prepared: dict[int, PreparedStep] = {i: _attach_signal(drafts[i], deferred) for i in later}
+    now = [i for i in range(len(drafts)) if i not in prepared]
+    passes = sum(1 for i in now if drafts[i].planned.distills)
     if passes <= 1 or job.teacher_pool.concurrent_passes <= 1:
-        return [_attach_signal(draft) for draft in drafts]
+        prepared.update({i: _attach_signal(drafts[i]) for i in now})
+        return [prepared[i] for i in range(len(drafts))]
     from concurrent.futures import ThreadPoolExecutor
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(passes, job.teacher_pool.concurrent_passes), thread_name_prefix="teacher-pass") as pool:
-        prepared = list(pool.map(_attach_signal, drafts))
+        ran = dict(zip(now, pool.map(_attach_signal, [drafts[i] for i in now])))
     # The passes overlapped: each step is charged its share of their wall time, so the steps'
     # phases add up to the run's wall clock (the pass's own seconds stay in `teacher_pass`).
-    wall, own = time.perf_counter() - started, sum(step.driver_phases.get("teacher_pass", 0.0) for step in prepared)
-    for step in prepared:
+    wall, own = time.perf_counter() - started, sum(step.driver_phases.get("teacher_pass", 0.0) for step in ran.values())
+    for step in ran.values():
         if own > wall and "teacher_pass" in step.driver_phases:
             step.driver_phases["teacher_pass"] *= wall / own
-    return prepared
+    prepared.update(ran)
+    return [prepared[i] for i in range(len(drafts))]
 
 
 class TeacherPasses:
     """Runs deferred teacher passes (`prepare_segment(..., deferred=...)`) on background threads,
-    `concurrent` at a time in step order, while the worker group trains: a step's workers wait
-    for its signal (`StepPlan.await_signal`), the others train meanwhile. Every pass runs even
-    if one fails: a failed pass records its error beside its cache entry, so the workers waiting
-    for it stop with that error instead of waiting forever. The threads are daemons: an
-    interrupted driver does not wait for them to end."""
+    `concurrent` at a time, while the worker group trains: each thread takes the first pass in
+    step order whose teacher is ready (`DeferredPass.ready`), so a pass waiting for its teacher
+    to be trained holds no thread another pass could use. A step's workers wait for its signal
+    (`StepPlan.await_signal`), the others train meanwhile. Every pass runs even if one fails: a
+    failed pass records its error in its ticket, so the workers waiting for it stop with that
+    error instead of waiting forever. The threads are daemons (an interrupted driver does not
+    wait for them); `stop()` (the group failed) ends them once their current pass is done."""
 
-    def __init__(self, passes: list, concurrent: int):
+    def __init__(self, passes: list, concurrent: int, stopped=None, poll_s: float = 0.5):
         import threading
 
         self.errors: list[BaseException] = []
+        self.stopped = stopped or threading.Event()
         self._queue = list(passes)
         self._lock = threading.Lock()
+        self._poll_s = poll_s
         self._threads = [threading.Thread(target=self._work, name=f"teacher-pass-{i}", daemon=True)
                          for i in range(min(max(1, concurrent), len(passes)))]
         for thread in self._threads:
             thread.start()
 
-    def _work(self) -> None:
-        while True:
+    def _take(self):
+        """The next pass to run, None when none is left (or the group stopped)."""
+        while not self.stopped.is_set():
             with self._lock:
                 if not self._queue:
-                    return
-                run = self._queue.pop(0)
+                    return None
+                for index, run in enumerate(self._queue):
+                    ready = getattr(run, "ready", None)
+                    if ready is None or ready():
+                        return self._queue.pop(index)
+            self.stopped.wait(self._poll_s)
+        return None
+
+    def _work(self) -> None:
+        while (run := self._take()) is not None:
             try:
                 run()
             except BaseException as err:  # raised by `join`, on the driver's thread
                 with self._lock:
                     self.errors.append(err)
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     def join(self) -> None:
         """Waits for every pass; raises the first pass's error."""
@@ -317,9 +354,13 @@ class TeacherPasses:
             raise self.errors[0]
 
 
-def split_segments(plan: list) -> list[list]:
-    """Consecutive planned steps that can share a worker group: a step whose teacher was trained
-    earlier in the same run of steps starts a new one (its teacher pass needs that model first)."""
+def split_segments(plan: list, *, one_group: bool = False) -> list[list]:
+    """Consecutive planned steps that can share a worker group. `one_group` (the caller runs the
+    passes of teachers trained in the group beside it, `prepare_segment(..., deferred=...)`):
+    the whole plan. Otherwise a step whose teacher was trained earlier in the same run of steps
+    starts a new group (its teacher pass needs that model first)."""
+    if one_group:
+        return [list(plan)] if plan else []
     segments: list[list] = []
     trained: set[str] = set()
     for planned in plan:

@@ -36,7 +36,7 @@ def evaluate(config_paths, overrides, models) -> None:
     from ckd_ray.cascade.datasets import StepData
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.runner import connect_ray
-    from ckd_ray.evaluate import evaluate_model
+    from ckd_ray.evaluate import evaluate_models
 
     job = load_or_exit(config_paths, overrides, check_storage=True)
     connect_ray(job.ray)
@@ -45,10 +45,9 @@ def evaluate(config_paths, overrides, models) -> None:
     if not targets:
         raise click.UsageError("no --model given and the run has no manifest yet: run the cascade first")
     rows = StepData(job, job.run_uri).evaluation_rows()
-    results = {}
-    for name, uri in targets.items():
-        results[name] = evaluate_model(uri, rows, job.evaluation, use_gpu=job.trainer.use_gpu)["scores"]
-        scores = results[name]
+    scored = evaluate_models(list(targets.values()), rows, job.evaluation, use_gpu=job.trainer.use_gpu)
+    results = {name: result["scores"] for name, result in zip(targets, scored)}
+    for name, scores in results.items():
         click.echo(f"{name:>12}: average {scores['average']:.3f}  open {scores.get('open_em', 0):.3f}  "
                    f"yes/no F1 {scores.get('yes_no_f1', 0):.3f}  MC {scores.get('mc_acc', 0):.3f}  "
                    f"params {int(scores['parameters']):,}  latency {scores['latency_s'] * 1000:.1f} ms")

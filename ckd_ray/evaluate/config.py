@@ -20,3 +20,7 @@ class EvaluationConfig(Section):
     """Answer length limit (benchmark answers are a word or a letter)."""
     latency_runs: int = Field(3, ge=1)
     """Timed repetitions of a single-prompt generation for the latency figure."""
+    concurrent: int = Field(2, ge=1)
+    """Models scored side by side on CPU, each in its own process (with a GPU, one at a time);
+    their latencies are timed one model at a time after all have generated, so no latency
+    figure is taken while another model runs."""

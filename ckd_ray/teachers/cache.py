@@ -105,23 +105,57 @@ class SignalCache:
         anyone waits for it)."""
         storage.delete(self._failed_uri(key))
 
-    def read(self, key: str, *, when_written: bool = False):
+    def read(self, key: str):
         """The entry's rows in the order they were written, one read task per Parquet file. The
         files are listed here, on the caller (read_parquet's listing task cost seconds before the
-        first batch of every step that reads the cache). `when_written`: the entry may not exist
-        yet (its pass is running): the files are listed when the dataset first executes, after
-        `wait_for` (a worker group can start and train other steps meanwhile)."""
-        if not when_written:
-            uris = self._entry_files(key)  # refused entries fail here, on the caller
-            return _entry_dataset(lambda: uris, len(uris))
-        return _entry_dataset(partial(self._entry_files, key, wait=True), 1, pending=lambda: self.lookup(key) is None)
+        first batch of every step that reads the cache)."""
+        uris = self._entry_files(key)  # refused entries fail here, on the caller
+        return _entry_dataset(lambda: uris, len(uris))
 
-    def _entry_files(self, key: str, wait: bool = False) -> list[tuple[str, str | None]]:
+    def read_when_ready(self, ticket_uri: str):
+        """The rows of the entry a pass still to run will name in its ticket (`write_ticket`):
+        its files are listed when the dataset first executes, after `wait_for_ticket`, so a
+        worker group can start, and train other steps, before the pass (or even its teacher)
+        exists. The entry's key may not be known yet: it hashes a teacher checkpoint the group
+        itself may still have to train."""
+        return _entry_dataset(partial(self._ticket_files, ticket_uri), 1, pending=lambda: not storage.exists(ticket_uri))
+
+    def write_ticket(self, ticket_uri: str, *, key: str | None = None, error: str | None = None) -> None:
+        """Names the complete entry a deferred pass made (or found), or records why it failed."""
+        storage.write_bytes(ticket_uri, json.dumps({"key": key} if error is None else {"error": error}).encode())
+
+    def run_ticketed(self, ticket_uri: str, produce) -> str:
+        """Runs `produce()` (a pass: returns the key of the complete entry it wrote or found)
+        and writes its ticket: the key, or the error it raised (then re-raised), so the workers
+        waiting for the ticket never wait for a pass that is no longer running."""
+        try:
+            key = produce()
+        except BaseException as err:
+            from ckd_ray.errors import describe_error
+
+            self.write_ticket(ticket_uri, error=describe_error(err))
+            raise
+        self.write_ticket(ticket_uri, key=key)
+        return key
+
+    def wait_for_ticket(self, ticket_uri: str, poll_s: float = 0.5) -> str:
+        """Blocks until the pass of `ticket_uri` has written its ticket; returns the key of its
+        complete entry, or raises TeacherPassFailed with the pass's error."""
+        while not storage.exists(ticket_uri):
+            time.sleep(poll_s)
+        ticket = json.loads(storage.read_bytes(ticket_uri))
+        if ticket.get("error") is not None or not ticket.get("key"):
+            raise TeacherPassFailed(f"the teacher pass of {ticket_uri} failed: {ticket.get('error')}")
+        self.wait_for(ticket["key"])
+        return ticket["key"]
+
+    def _ticket_files(self, ticket_uri: str) -> list[tuple[str, str | None]]:
+        return self._entry_files(self.wait_for_ticket(ticket_uri))
+
+    def _entry_files(self, key: str) -> list[tuple[str, str | None]]:
         """(uri, sha256 the marker records or None) of each Parquet part, in written order."""
         import pyarrow.dataset as pads
 
-        if wait:
-            self.wait_for(key)
         entry = self.lookup(key)
         if entry is None:
             raise KeyError(f"no complete signal cache entry {key!r} under {self.root_uri}")

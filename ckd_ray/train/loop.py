@@ -442,9 +442,10 @@ class Reporter:
             if final and self.rank == 0:
                 summary = {"history": state.history, "phases": self.phases.seconds, "num_steps": state.step,
                            "resumed_from": state.resumed_from, "checkpoint": f"{self.plan.checkpoint_prefix}step-{state.step:07d}"}
-                Path(directory, MODEL_DIR, STEP_SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
                 storage.upload_dir(Path(directory) / MODEL_DIR, self.plan.export_uri)
-                Path(directory, MODEL_DIR, STEP_SUMMARY_FILE).unlink()
+                # Last, after every file of the export: a pass waiting for this model as its
+                # teacher starts when the summary is there (`ckd_ray.cascade.signal.ExportGate`).
+                storage.write_bytes(storage.join(self.plan.export_uri, STEP_SUMMARY_FILE), json.dumps(summary, indent=1).encode())
                 self.phases.add("export", time.perf_counter() - written)
                 written = time.perf_counter()
             self.session.report(reported, directory if self.rank == 0 else None, f"{self.plan.checkpoint_prefix}step-{state.step:07d}")
