@@ -198,7 +198,7 @@ def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_th
 
     import ray.data
 
-    from ckd_ray.cascade.signal import DeferredPass, ExportGate
+    from ckd_ray.cascade.signal import DeferredPass, export_ready
     from ckd_ray.cascade.steps import TeacherPasses
     from ckd_ray.teachers.cache import SignalCache, TeacherPassFailed
     from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
@@ -218,7 +218,7 @@ def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_th
     def fail(batch):
         raise ValueError("the teacher ran out of memory")
 
-    gate = ExportGate(str(export), poll_s=0.05)
+    gate = export_ready(str(export))
     passes = TeacherPasses([DeferredPass(lambda: cache.run_ticketed(good, write_good), "s1", gate),
                             DeferredPass(lambda: cache.run_ticketed(bad, lambda: cache.write(rows.map_batches(fail), "bad", {})["key"]), "s2")],
                            2, poll_s=0.05)
@@ -239,7 +239,7 @@ def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_th
     cache.clear_failure("bad")  # a new run forgets it before it waits again
     assert cache.lookup("bad") is None and not (tmp_path / "cache" / "bad" / "_FAILED.json").exists()
 
-    never = TeacherPasses([DeferredPass(lambda: ran.append("never"), "s3", ExportGate(str(tmp_path / "no-export")))], 1, poll_s=0.05)
+    never = TeacherPasses([DeferredPass(lambda: ran.append("never"), "s3", export_ready(str(tmp_path / "no-export")))], 1, poll_s=0.05)
     never.stop()  # the group failed: its export will not come
     never.join()
     assert ran == ["good"]

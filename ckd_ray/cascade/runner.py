@@ -149,16 +149,13 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     workers wait for its own pass only. The stages that end in the segment are evaluated after
     it: on a small machine an evaluation beside the training group only takes its cores, and
     each step's phases stay its own."""
-    import threading
-
     from ckd_ray.train.run import read_step_result, run_steps
 
     run_uri = job.run_uri
     # Named after the segment's first step, pending or not: a resubmission finds the same folder.
     segment_name = f"{RUN_FOLDER}/{segment[0].step_id}"
     passes: list = []  # the teacher passes to run while the group trains
-    stopped = threading.Event()
-    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log, deferred=passes, stopped=stopped)
+    steps = prepare_segment(job, pending, data, dict(manifest.roles), output_uri=run_uri, log=log, deferred=passes)
     prepared = {planned.step_id: step for planned, step in zip(pending, steps)}
     by_id = {planned.step_id: planned for planned in pending}
     clock = {"last": None}
@@ -188,7 +185,7 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
             _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log)
 
     steps = [prepared[p.step_id].train_step for p in pending]
-    teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes, stopped)
+    teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes)
     try:
         results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event)
     except BaseException:
@@ -312,8 +309,6 @@ def _evaluate_stages(job: JobConfig, manifest: Manifest, ended: list[PlannedStep
 def _scores_of(manifest: Manifest, name: str, model_uri: str) -> dict:
     """The manifest's evaluation entry of `model_uri`, filed under `name` (an entry of the same
     model under another name is shared: a checkpoint is scored once)."""
-    if name in manifest.evaluations and manifest.evaluations[name]["model_uri"] == model_uri:
-        return manifest.evaluations[name]
     for entry in manifest.evaluations.values():
         if entry["model_uri"] == model_uri:
             return entry

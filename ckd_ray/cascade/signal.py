@@ -5,6 +5,9 @@ trains or beside it (`DeferredPass`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 from ckd_ray import storage
 from ckd_ray.config.job import JobConfig
@@ -38,109 +41,80 @@ def shared_vocab(learner_uri: str, teacher_uri: str) -> int:
 
 
 def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri: str, dataset, data, log,
-                          deferred: list | None = None, ticket_uri: str | None = None, teacher_ready=None):
+                          deferred: list | None = None, ticket_uri: str | None = None, ready=None):
     """(dataset with `sig_*` columns, the signal spec it carries, a description of the teacher
     pass for the manifest). With `deferred` (a list), the pass is not run here: a
     `DeferredPass` is appended, and the dataset returned reads the entry the pass names in its
     ticket (`ticket_uri`) once written (a worker waits for it; see
-    `SignalCache.read_when_ready`). `teacher_ready` (deferred passes only) blocks until the
-    teacher's folder is complete: a teacher the same worker group trains first, whose weights
-    (and so the cache key) do not exist yet. The description is completed when the pass ends."""
+    `SignalCache.read_when_ready`). `ready` (deferred passes only) says whether the teacher's
+    folder is complete (`export_ready`): a teacher the same worker group trains first has no
+    weights yet, so no cache key either. The description is completed when the pass ends."""
     spec = step_signal_spec(job, planned)
     if not job.teacher_pool.use_cache:
-        if teacher_ready is not None:
+        if ready is not None:
             raise ValueError("a streamed teacher (teacher_pool.use_cache false) cannot wait for its own training")
         log(f"[cascade]   {planned.step_id}: teacher pool {planned.teacher!r} streams its signal into training (cache off)")
-        return add_teacher_stage(dataset, _source(job, planned, teacher_uri, learner_uri), spec, job.teacher_pool), spec, \
-            {"source": "teacher pool (streamed)"}
+        source = _source(job, planned, teacher_uri, shared_vocab(learner_uri, teacher_uri))
+        return add_teacher_stage(dataset, source, spec, job.teacher_pool), spec, {"source": "teacher pool (streamed)"}
     cache = SignalCache(job.signal_cache_uri)
-    if deferred is None:
-        key = _cache_key(job, planned, teacher_uri, learner_uri, spec, data)
-        if cache.lookup(key):
-            log(f"[cascade]   {planned.step_id}: teacher signal from the cache ({key})")
-            return cache.read(key), spec, {"source": "cache hit", "key": key}
-        teacher_pass = {"source": "teacher pool", "key": key}
-        _run_pass(job, planned, teacher_uri, learner_uri, spec, dataset, cache, key, teacher_pass, log)
-        return cache.read(key), spec, teacher_pass
-    teacher_pass = {"source": "teacher pool"}
-    storage.delete(ticket_uri)  # an earlier run's; before any worker waits for this one
+    teacher_pass: dict = {"source": "teacher pool"}
 
-    def produce() -> str:
-        if teacher_ready is not None:
-            teacher_ready()
-        key = _cache_key(job, planned, teacher_uri, learner_uri, spec, data)
+    def find_or_run() -> str:
+        """The key of the step's entry: a cache hit, or one pass written to the cache."""
+        vocab = shared_vocab(learner_uri, teacher_uri)
+        key = cache_key(data.fingerprint(planned), teacher_checkpoint_hash(teacher_uri), spec_fingerprint(spec, vocab))
         teacher_pass["key"] = key
         if cache.lookup(key):
             log(f"[cascade]   {planned.step_id}: teacher signal from the cache ({key})")
             teacher_pass["source"] = "cache hit"
         else:
-            _run_pass(job, planned, teacher_uri, learner_uri, spec, dataset, cache, key, teacher_pass, log)
+            _run_pass(job, planned, _source(job, planned, teacher_uri, vocab), spec, dataset, cache, key, teacher_pass, log)
         return key
 
-    def run_deferred() -> None:
-        cache.run_ticketed(ticket_uri, produce)  # the waiting workers get its key, or its error
-
-    deferred.append(DeferredPass(run_deferred, planned.step_id, teacher_ready))
+    if deferred is None:
+        return cache.read(find_or_run()), spec, teacher_pass
+    storage.delete(ticket_uri)  # an earlier run's; before any worker waits for this one
+    # The waiting workers get the pass's key, or its error.
+    deferred.append(DeferredPass(partial(cache.run_ticketed, ticket_uri, find_or_run), planned.step_id, ready))
     return cache.read_when_ready(ticket_uri), spec, teacher_pass
 
 
+@dataclass
 class DeferredPass:
-    """A teacher pass to run beside the worker group (`TeacherPasses`): `ready` says whether
-    its teacher exists yet (None: it does)."""
+    """A teacher pass to run beside the worker group (`TeacherPasses`)."""
 
-    def __init__(self, run, step_id: str, teacher_ready=None):
-        self.run, self.step_id = run, step_id
-        self.ready = getattr(teacher_ready, "ready", None)
+    run: Callable[[], object]
+    step_id: str
+    ready: Callable[[], bool] | None = None
+    """Whether its teacher exists yet (None: it does)."""
 
     def __call__(self) -> None:
         self.run()
 
 
-def _source(job: JobConfig, planned, teacher_uri: str, learner_uri: str) -> TeacherSource:
+def export_ready(export_uri: str) -> Callable[[], bool]:
+    """Whether the model a worker group is training has been exported: its step summary is
+    written after every other file of the export (`ckd_ray.train.loop.Reporter`)."""
+    from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
+
+    return partial(storage.exists, storage.join(export_uri, STEP_SUMMARY_FILE))
+
+
+def _source(job: JobConfig, planned, teacher_uri: str, vocab: int) -> TeacherSource:
     labels = {"job": job.name, "stage": planned.stage.label, "step": planned.kind, "pool": planned.teacher}
     spec = job.models[planned.teacher]
-    return TeacherSource(teacher_uri, shared_vocab(learner_uri, teacher_uri), spec.trust_remote_code, spec.dtype, labels,
-                         job.observability.gpu_poll_seconds)
+    return TeacherSource(teacher_uri, vocab, spec.trust_remote_code, spec.dtype, labels, job.observability.gpu_poll_seconds)
 
 
-def _cache_key(job: JobConfig, planned, teacher_uri: str, learner_uri: str, spec: SignalSpec, data) -> str:
-    vocab = shared_vocab(learner_uri, teacher_uri)
-    return cache_key(data.fingerprint(planned), teacher_checkpoint_hash(teacher_uri), spec_fingerprint(spec, vocab))
-
-
-def _run_pass(job: JobConfig, planned, teacher_uri: str, learner_uri: str, spec: SignalSpec, dataset, cache: SignalCache,
-              key: str, teacher_pass: dict, log) -> None:
+def _run_pass(job: JobConfig, planned, source: TeacherSource, spec: SignalSpec, dataset, cache: SignalCache, key: str,
+              teacher_pass: dict, log) -> None:
     """One teacher pool pass over the step's data, written to the cache entry `key`."""
     log(f"[cascade]   {planned.step_id}: teacher pool {planned.teacher!r}, one pass over the step's data -> cache {key}")
     cache.clear_failure(key)  # an earlier run's failed pass; before anyone waits for this one
-    source = _source(job, planned, teacher_uri, learner_uri)
     start = time.perf_counter()
     entry = cache.write(add_teacher_stage(dataset, source, spec, job.teacher_pool), key,
-                        {"teacher_uri": teacher_uri, "spec": spec.model_dump(mode="json"), "shared_vocab": source.shared_vocab_size})
+                        {"teacher_uri": source.model_uri, "spec": spec.model_dump(mode="json"), "shared_vocab": source.shared_vocab_size})
     seconds = time.perf_counter() - start
     rate = entry["num_rows"] / seconds if seconds else 0.0
     log(f"[cascade]   {planned.step_id}: teacher pass, {entry['num_rows']} samples in {seconds:.1f} s ({rate:.1f} samples/s)")
     teacher_pass.update(samples=entry["num_rows"], seconds=round(seconds, 2), samples_per_s=round(rate, 2))
-
-
-class ExportGate:
-    """Blocks until the model a worker group is training has been exported: its step summary is
-    written after every other file of the export (`ckd_ray.train.loop.Reporter`). `stop()` ends
-    the wait with an error (the group failed; the export will not come)."""
-
-    def __init__(self, export_uri: str, stopped=None, poll_s: float = 0.5):
-        from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
-
-        self.summary_uri = storage.join(export_uri, STEP_SUMMARY_FILE)
-        self.export_uri = export_uri
-        self.stopped = stopped
-        self.poll_s = poll_s
-
-    def ready(self) -> bool:
-        return storage.exists(self.summary_uri)
-
-    def __call__(self) -> None:
-        while not self.ready():
-            if self.stopped is not None and self.stopped.is_set():
-                raise RuntimeError(f"the worker group stopped before it exported {self.export_uri}")
-            time.sleep(self.poll_s)

@@ -221,7 +221,7 @@ def _attach_signal(draft: _StepDraft, deferred: list | None = None) -> PreparedS
         train_dataset, spec, teacher_pass = attach_teacher_signal(
             job, options["signal_planned"] or planned, options["teacher_uri"], options["vocab_learner_uri"], train_dataset,
             draft.data, options["log"], deferred=deferred, ticket_uri=options.get("ticket_uri"),
-            teacher_ready=options.get("teacher_ready"),
+            ready=options.get("teacher_ready"),
         )
         decoder = default_signal_decoder(job, trained.loss.attention_layers, spec)
         if deferred is not None and len(deferred) > waiting:
@@ -240,24 +240,23 @@ def _attach_signal(draft: _StepDraft, deferred: list | None = None) -> PreparedS
 
 
 def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], *, output_uri: str, log,
-                    suffix: str = "", deferred: list | None = None, stopped=None) -> list[PreparedStep]:
+                    suffix: str = "", deferred: list | None = None) -> list[PreparedStep]:
     """Prepares a segment's steps. Each step starts from `roles[learner]` and moves it to its own
     export, `<output_uri>/steps/<step_id><suffix>/model`, so the next step of the learner starts
     from a model the group has yet to train (`roles` is updated in place). The datasets are
     planned in order on this thread.
 
     A pass whose teacher the segment itself trains (a TA prepared, then teaching, in one group)
-    cannot run before the group: it is appended to `deferred` (required then) with an
-    `ExportGate` on that teacher's export, to run beside the group once the export is written
-    (`stopped`, a threading.Event, ends the gate's wait when the group fails). The other passes
+    cannot run before the group: it is appended to `deferred` (required then), to run beside
+    the group once that teacher's export is written (`export_ready`). The other passes
     run here, `teacher_pool.concurrent_passes` at a time (they do not depend on each other, and
     one pass alone leaves cores, or a teacher's GPUs, idle), or, with
     `teacher_pool.overlap_training`, go to `deferred` as well."""
-    from ckd_ray.cascade.signal import ExportGate
+    from ckd_ray.cascade.signal import export_ready
 
     existing = dict(roles)
     trained_here: dict[str, str] = {}  # role -> the export of its latest step in this segment
-    drafts, gated = [], []
+    drafts = []
     for planned in segment:
         record_id = f"{planned.step_id}{suffix}"
         export_uri = storage.join(output_uri, "steps", record_id, EXPORT_FOLDER)
@@ -266,7 +265,7 @@ def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], 
             if deferred is None:
                 raise ValueError(f"step {planned.step_id} learns from {planned.teacher!r}, trained earlier in the same worker group: "
                                  "its pass must run beside the group (pass `deferred`)")
-            teacher_ready = ExportGate(trained_here[planned.teacher], stopped)
+            teacher_ready = export_ready(trained_here[planned.teacher])
         drafts.append(_plan_data(
             job, planned, data, with_validation=True, val_dataset=None, init_model_uri=roles[planned.learner],
             teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
@@ -274,10 +273,10 @@ def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], 
             signal_planned=None, trained=None, trainer_job=None, teacher_ready=teacher_ready,
             ticket_uri=storage.join(output_uri, "steps", record_id, "teacher_signal.json"),
         ))
-        gated.append(teacher_ready is not None)
         roles[planned.learner] = export_uri
         trained_here[planned.learner] = export_uri
-    later = [i for i, draft in enumerate(drafts) if gated[i] or (deferred is not None and job.teacher_pool.overlap_training)]
+    later = [i for i, draft in enumerate(drafts)
+             if draft.options["teacher_ready"] is not None or (deferred is not None and job.teacher_pool.overlap_training)]
     prepared: dict[int, PreparedStep] = {i: _attach_signal(drafts[i], deferred) for i in later}
     now = [i for i in range(len(drafts)) if i not in prepared]
     passes = sum(1 for i in now if drafts[i].planned.distills)
@@ -309,11 +308,11 @@ class TeacherPasses:
     error instead of waiting forever. The threads are daemons (an interrupted driver does not
     wait for them); `stop()` (the group failed) ends them once their current pass is done."""
 
-    def __init__(self, passes: list, concurrent: int, stopped=None, poll_s: float = 0.5):
+    def __init__(self, passes: list, concurrent: int, poll_s: float = 0.5):
         import threading
 
         self.errors: list[BaseException] = []
-        self.stopped = stopped or threading.Event()
+        self.stopped = threading.Event()
         self._queue = list(passes)
         self._lock = threading.Lock()
         self._poll_s = poll_s

@@ -54,7 +54,7 @@ def evaluate_models(model_uris: list[str], rows: list[dict], settings: Evaluatio
     import ray
 
     options = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
-    plain = {k: v for k, v in settings.model_dump().items()}
+    plain = settings.model_dump()
     width = 1 if use_gpu else settings.concurrent
     results: list[dict] = []
     for start in range(0, len(model_uris), width):
