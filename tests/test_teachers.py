@@ -188,7 +188,7 @@ def test_bytes_per_sample_at_paper_scale():
 
 
 @pytest.mark.ray
-def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_the_waiter(ray_local, tmp_path):
+def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_the_waiter(ray_local, tmp_path, monkeypatch):
     """Deferred passes (the cascade runs them while its one worker group trains): a pass whose
     teacher the group trains first starts only once that teacher's export is complete; the
     reader made before any entry exists lists its files once the pass's ticket names them; a
@@ -203,6 +203,8 @@ def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_th
     from ckd_ray.teachers.cache import SignalCache, TeacherPassFailed
     from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
 
+    # Order is compared as training sees it: Ray Train's ingest preserves block order.
+    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     cache = SignalCache(str(tmp_path / "cache"))
     good, bad = str(tmp_path / "good.json"), str(tmp_path / "bad.json")
     reader = cache.read_when_ready(good)  # before the entry, or even its key, exists
