@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +90,68 @@ def ray_local(s3_server):
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+class RayCluster:
+    """A real Ray cluster of `ray start` processes on loopback: a head, then any nodes joined to it
+    with `ray start --address`, each with its own ports, all in one temp folder (socket paths
+    must stay short). `stop` ends only this cluster's processes (their command lines name its
+    temp folder): `ray stop` would end every Ray cluster of the machine, the test session's too."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.temp_dir = f"/tmp/ckd-ray-{os.getpid()}-{_free_port()}"
+        self.gcs = self.dashboard = None
+
+    def _start(self, args: list[str]) -> None:
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        ports = ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                 "--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
+                 "--metrics-export-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+                 "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
+        # Started with SIGINT ignored, as `ray start ... &` in a script (or a CI runner) leaves it: Ray's
+        # processes inherit that, the harsher case for the task cancellation at the end of a pass.
+        subprocess.run([ray, "start", *args, *ports], check=True, env=self.env, capture_output=True, timeout=300,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    def start_head(self, num_cpus: int, resources: dict | None = None) -> str:
+        """Starts the head (dashboard and job API on 127.0.0.1); returns the job API's address."""
+        import json
+
+        self.gcs, dashboard = _free_port(), _free_port()
+        self._start(["--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                     "--include-dashboard", "true", "--ray-client-server-port", str(_free_port()),
+                     "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {})])
+        self.dashboard = f"http://127.0.0.1:{dashboard}"
+        return self.dashboard
+
+    def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
+        """Joins one more node (a raylet with its own resources) to the head."""
+        import json
+
+        low = _free_port()
+        self._start(["--address", f"127.0.0.1:{self.gcs}", "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
+                     "--min-worker-port", str(low), "--max-worker-port", str(low + 200)])
+
+    def stop(self) -> None:
+        for sig in ("TERM", "KILL"):
+            subprocess.run(["pkill", f"-{sig}", "-f", self.temp_dir], check=False)
+            time.sleep(3)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster():
+    """A `RayCluster` to start; stopped after the test. As after `source .venv/bin/activate`, the
+    environment's python (the one with the dependencies) is first on PATH, so a submitted job's
+    `python` is it; Ray's token authentication is on, as a cluster should run it."""
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    cluster = RayCluster(env)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

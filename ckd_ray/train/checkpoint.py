@@ -147,6 +147,68 @@ def verify_checksums(directory: str | Path) -> None:
         )
 
 
+def resume_checkpoint(checkpoint, checkpoint_prefixes: list[str], log=print):
+    """(checkpoint, its TrainState) to resume from: `checkpoint` (a `ray.train.Checkpoint`, the
+    latest one of the run) when its files match their checksums. When they do not, the newest
+    earlier checkpoint of the same run folder that does, with a line on `log` naming both:
+    `checkpoint_prefixes` are the group's steps' checkpoint folders in training order
+    (`StepPlan.checkpoint_prefix`), and only their checkpoints are candidates. A fallback to the
+    last checkpoint of an earlier step means that step is finished and the damaged one starts
+    over. With no good checkpoint left, CorruptCheckpointError naming every damaged one.
+    Ray Train's `CheckpointConfig(num_to_keep)` decides how many there are to fall back on."""
+    try:
+        with checkpoint.as_directory() as directory:
+            return checkpoint, read_state(directory)
+    except CorruptCheckpointError as err:
+        damaged = [str(err)]
+    for candidate in _earlier_checkpoints(checkpoint, checkpoint_prefixes):
+        try:
+            with candidate.as_directory() as directory:
+                state = read_state(directory)
+        except CorruptCheckpointError as err:
+            damaged.append(str(err))
+            continue
+        log(f"[train] {damaged[0]}; resuming from the previous good checkpoint {candidate.path} instead "
+            f"(step {state.step_id or '?'}, optimizer step {state.step})")
+        return candidate, state
+    raise CorruptCheckpointError(
+        " | ".join(damaged) + f" | no earlier checkpoint of this run verifies ({len(damaged) - 1} tried). Restore the "
+        "files from a copy, or run the job again under a new `name` (--set name=...)"
+    )
+
+
+def _earlier_checkpoints(checkpoint, checkpoint_prefixes: list[str]):
+    """Checkpoints of the run that come before `checkpoint`, newest first: those of its own step
+    with fewer optimizer steps, then those of the steps before it."""
+    import posixpath
+    import re
+
+    from pyarrow import fs as pafs
+    from ray.train import Checkpoint
+
+    filesystem = checkpoint.filesystem
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    matched = re.fullmatch(r"step-(\d+)", name)
+    prefixes = list(dict.fromkeys(prefix.strip("/") for prefix in checkpoint_prefixes))
+    own = posixpath.basename(parent) if posixpath.basename(parent) in prefixes else ""
+    if not matched or own not in prefixes:
+        return
+    run = posixpath.dirname(parent) if own else parent
+    latest = int(matched.group(1))
+    for prefix in reversed(prefixes[: prefixes.index(own) + 1]):
+        folder = posixpath.join(run, prefix) if prefix else run
+        try:
+            infos = filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        except OSError:
+            continue
+        numbers = sorted((int(found.group(1)) for info in infos if info.type == pafs.FileType.Directory
+                          for found in [re.fullmatch(r"step-(\d+)", info.base_name)] if found), reverse=True)
+        for number in numbers:
+            if prefix == own and number >= latest:
+                continue
+            yield Checkpoint(posixpath.join(folder, f"step-{number:07d}"), filesystem=filesystem)
+
+
 def trainable_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
 

@@ -34,6 +34,7 @@ from ckd_ray.train.checkpoint import (
     load_projection,
     read_state,
     restore_optimizer_state,
+    resume_checkpoint,
     write_checkpoint,
 )
 from ckd_ray.train.engine import OptimizerPlan, StudentWithProjection, build_engine, deepspeed_config
@@ -162,11 +163,10 @@ def train_worker(config: dict, session: WorkerSession | None = None) -> None:
     rank, device = session.rank, session.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    checkpoint = session.checkpoint
-    resume_state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            resume_state = read_state(directory)
+    checkpoint, resume_state = session.checkpoint, None
+    if checkpoint is not None:  # a damaged latest checkpoint falls back to the previous good one
+        checkpoint, resume_state = resume_checkpoint(checkpoint, [plan.checkpoint_prefix for plan, _ in steps],
+                                                     log=print if rank == 0 else lambda line: None)
     step_ids = [plan.step_id for plan, _ in steps]
     first = step_ids.index(resume_state.step_id) if resume_state is not None and resume_state.step_id in step_ids else 0
     upcoming = ShardPrefetch(session, f"train-{first}", steps[first][0])  # read while the engine builds

@@ -130,6 +130,78 @@ def test_a_file_added_beside_the_recorded_ones_is_not_an_error(checkpoint):
     assert read_state(directory) == state
 
 
+def _write_checkpoint(directory, step_id: str, step: int) -> TrainState:
+    (directory / "model").mkdir(parents=True)
+    generator = torch.Generator().manual_seed(step)
+    save_file({"w.exp_avg": torch.randn(8, 8, generator=generator)}, str(directory / OPTIMIZER_FILE))
+    save_file({"w": torch.randn(8, 8, generator=generator)}, str(directory / "model" / "model.safetensors"))
+    state = TrainState(step_id=step_id, step=step, epoch=0, batches_in_epoch=step, samples_seen=4 * step, num_workers=1,
+                       micro_batch_size=4)
+    (directory / STATE_FILE).write_text(state.to_json())
+    write_checksums(directory)
+    return state
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """A Train run folder as a two-step group leaves it (checkpoints kept: the last of step 00 and
+    two of step 01): `<run>/<step id>/step-NNNNNNN`, each with its checksums."""
+    run = tmp_path / "train"
+    states = {}
+    for step_id, step in [("00-a-PT", 20), ("01-a-FT", 10), ("01-a-FT", 20)]:
+        states[(step_id, step)] = _write_checkpoint(run / step_id / f"step-{step:07d}", step_id, step)
+    return run, states
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(run_folder):
+    from ray.train import Checkpoint
+
+    from ckd_ray.train.checkpoint import resume_checkpoint
+
+    run, states = run_folder
+    latest = run / "01-a-FT" / "step-0000020"
+    (latest / "model" / "model.safetensors").write_bytes(b"cut")
+    lines = []
+    checkpoint, state = resume_checkpoint(Checkpoint(str(latest)), ["00-a-PT/", "01-a-FT/"], log=lines.append)
+    assert checkpoint.path == str(run / "01-a-FT" / "step-0000010")
+    assert state == states[("01-a-FT", 10)]
+    assert len(lines) == 1 and str(latest / "model" / "model.safetensors") in lines[0] and checkpoint.path in lines[0]
+
+    # The step's earlier checkpoint damaged too: the previous step's last one (that step is then
+    # finished, and the damaged step starts over from its initial model).
+    (run / "01-a-FT" / "step-0000010" / STATE_FILE).write_text("{}")
+    checkpoint, state = resume_checkpoint(Checkpoint(str(latest)), ["00-a-PT/", "01-a-FT/"], log=lines.append)
+    assert (checkpoint.path, state) == (str(run / "00-a-PT" / "step-0000020"), states[("00-a-PT", 20)])
+
+
+def test_no_good_checkpoint_left_is_a_clear_error_naming_each(run_folder):
+    from ray.train import Checkpoint
+
+    from ckd_ray.train.checkpoint import resume_checkpoint
+
+    run, _ = run_folder
+    damaged = sorted(run.glob("*/step-*"))
+    for directory in damaged:
+        (directory / OPTIMIZER_FILE).write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError) as refused:
+        resume_checkpoint(Checkpoint(str(damaged[-1])), ["00-a-PT/", "01-a-FT/"], log=lambda line: None)
+    message = str(refused.value)
+    assert all(str(directory / OPTIMIZER_FILE) in message for directory in damaged)
+    assert "--set name=" in message
+
+
+def test_a_good_latest_checkpoint_is_used_as_it_is(run_folder):
+    from ray.train import Checkpoint
+
+    from ckd_ray.train.checkpoint import resume_checkpoint
+
+    run, states = run_folder
+    lines = []
+    latest = str(run / "01-a-FT" / "step-0000020")
+    checkpoint, state = resume_checkpoint(Checkpoint(latest), ["00-a-PT/", "01-a-FT/"], log=lines.append)
+    assert (checkpoint.path, state, lines) == (latest, states[("01-a-FT", 20)], [])
+
+
 # --- signal cache parts: the marker records each part's sha256, checked as the part is read ------
 
 
