@@ -20,6 +20,19 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+RAY_FIXTURES = {"ray_local", "ray_cluster", "s3_for_workers"}
+
+
+def pytest_collection_modifyitems(items):
+    """With `-n 2` (scripts/test.sh), every test that starts or uses Ray goes to one xdist group,
+    so they run one at a time on one worker while the other worker runs the rest: two Ray
+    workloads at once on 2 cores starve a starting raylet past Ray's fixed 30 s registration
+    wait ("The current node timed out during startup")."""
+    for item in items:
+        if item.get_closest_marker("ray") or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -136,7 +149,9 @@ class RayCluster:
     def stop(self) -> None:
         for sig in ("TERM", "KILL"):
             subprocess.run(["pkill", f"-{sig}", "-f", self.temp_dir], check=False)
-            time.sleep(3)
+            deadline = time.time() + 5
+            while time.time() < deadline and subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True).returncode == 0:
+                time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
