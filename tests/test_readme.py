@@ -1,0 +1,218 @@
+"""The README's commands, checked as written.
+
+Every command of a ```bash block and every ```python block of README.md has an entry in
+`CHECKS`; a command without one fails `test_every_readme_command_has_a_check`. An entry either
+runs the command, exactly as written plus `--set` overrides that only shrink budgets, from the
+root of a fresh copy of the repository (`test_readme_commands_run_as_written`: about 8 minutes on
+2 cores, so it is outside the default run, which must stay under 12; `bash scripts/test.sh -m
+readme` runs it), or names the
+test that runs it in another form and why (a Ray cluster of its own, public checkpoints, a GPU
+node, the internet)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Budgets of the runs: 2 optimizer steps a step, 8 evaluation samples, 2 Tune trials of 2 steps.
+SHRINK = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "evaluation.max_samples=8"]
+TUNE_SHRINK = [*SHRINK, "tune.num_samples=2", "tune.max_steps_per_trial=2"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run it in the copy, with `extra` appended; `expect` must be in its output, `files` must exist."""
+
+    extra: tuple[str, ...] = ()
+    expect: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    as_run: str | None = None
+    """The command as run, where the README's has placeholders or optional parts."""
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """Run in another form by `test` (a test file, or file::function), for `why`."""
+
+    test: str
+    why: str
+
+
+@dataclass(frozen=True)
+class PythonBlock:
+    """Run the block with `python -c`, its override list replaced by `overrides`."""
+
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+    expect: tuple[str, ...] = ()
+
+
+JOB_SUBMIT = "tests/reliability/test_cluster_job.py::test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials"
+CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
+    # Two commands
+    "bash scripts/quickstart.sh": Run(tuple(f"--set {s}" for s in SHRINK), expect=("report: ", "student: "),
+                                      files=("runs/tiny-cascade/report.md", "runs/tiny-cascade/step_phases.png")),
+    "bash scripts/test.sh": Elsewhere(".ci/run", "it is this suite (CI runs it through .ci/run)"),
+    "python: from ckd_ray import load_config, run_cascade": PythonBlock(tuple(SHRINK), expect=("runs/tiny-cascade/report.md",)),
+    # Configs
+    ".venv/bin/ckd-ray config check configs/tiny_cascade.yaml --set trainer.max_steps=20": Run(expect=("OK: job 'tiny-cascade'",)),
+    ".venv/bin/ckd-ray config show configs/tiny_cascade.yaml": Run(expect=("name: tiny-cascade",)),
+    # Commands
+    "ckd-ray data build-kvqa data/kvqa": Run(files=("data/kvqa/instructions.json",)),
+    "ckd-ray cascade configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK), expect=("done in an earlier run, skipped",)),
+    "ckd-ray eval configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK), expect=("scores: ",)),
+    "ckd-ray tune configs/tiny_tune.yaml [--run-best]": Run(
+        tuple(f"--set {s}" for s in TUNE_SHRINK), as_run="ckd-ray tune configs/tiny_tune.yaml --run-best",
+        expect=("best config",), files=("runs/tiny-tune/tune/best_config.yaml",)),
+    "ckd-ray experiment configs/kvqa_table.yaml": Elsewhere(
+        "tests/test_config.py::test_every_shipped_experiment_validates_every_run",
+        "NOT RUN by this test: 8 cascades, about 5 min of the suite's 12 even at 2 steps each; every row's config is validated"),
+    "ckd-ray models compose --llm DIR --vision DIR --out DIR": Elsewhere(
+        "tests/test_models_compose.py::test_cli_compose_prints_the_summary_and_refuses_with_exit_code_2",
+        "DIR stands for public checkpoints; the test composes tiny folders of the same layout"),
+    "ckd-ray --help": Run(expect=("cascade", "tune", "experiment")),
+    # `ray job submit`
+    "source .venv/bin/activate": Elsewhere(JOB_SUBMIT, "the job-submit test runs with the venv's bin first on PATH"),
+    "ray start --head --num-cpus 8 --dashboard-host 127.0.0.1": Elsewhere(JOB_SUBMIT, "on free ports, with a second node"),
+    ("ray job submit --address http://127.0.0.1:8265 --working-dir .  --runtime-env jobs/runtime_env.yaml --  python "
+     "jobs/cascade_job.py configs/tiny_cascade.yaml --set data.benchmark_root=$PWD/data/kvqa --set storage.root=$PWD/runs"):
+        Elsewhere(JOB_SUBMIT, "submitted to a two-node head on loopback, budgets shrunk"),
+    "ray job logs --address http://127.0.0.1:8265 <submission id>": Elsewhere(JOB_SUBMIT, "ray job submit prints the same log"),
+    "ray stop": Elsewhere("tests/conftest.py", "the fixture stops only its own cluster: ray stop would end the suite's too"),
+    # On a GPU cluster
+    "pip install torch --index-url https://download.pytorch.org/whl/cu124": Elsewhere(
+        "scripts/setup.sh", "a CUDA wheel from the internet, for GPU nodes; the CPU install path is setup.sh"),
+    "pip install -e .": Elsewhere("scripts/setup.sh", "setup.sh installs the package so (with the test extras)"),
+    # From public checkpoints
+    ("ckd-ray models compose --llm DIR_OR_S3 --vision DIR_OR_S3 --out DIR_OR_S3  [--connector mlp2x_gelu] "
+     "[--vision-feature-layer -2] [--select-strategy default|full]"): Elsewhere(
+        "tests/test_models_compose.py", "the synopsis; each option is tested on tiny folders"),
+    "python: from transformers import AutoProcessor, LlavaForConditionalGeneration": Elsewhere(
+        "tests/test_models_compose.py::test_composed_qwen2_siglip_loads_with_transformers_and_answers",
+        "the same loading and generate on a tiny composed folder (the README's needs public checkpoints)"),
+    ("ckd-ray models compose --llm checkpoints/Qwen2.5-0.5B-Instruct --vision checkpoints/siglip-base-patch16-224  "
+     "--out models/qwen2.5-0.5b-siglip-b16-224"): Elsewhere("tests/test_models_compose.py", "needs the public checkpoints"),
+    ("ckd-ray models compose --llm checkpoints/Qwen2.5-1.5B-Instruct --vision checkpoints/siglip-base-patch16-224  "
+     "--out models/qwen2.5-1.5b-siglip-b16-224"): Elsewhere("tests/test_models_compose.py", "needs the public checkpoints"),
+    "ckd-ray config check configs/composed_quickstart.yaml": Elsewhere(
+        "tests/test_models_compose.py::test_pair_checks_accept_padded_vocabularies_and_refuse_other_images_or_tokenizers",
+        "its pair checks need the composed folders"),
+}
+
+
+def readme_blocks(text: str) -> list[tuple[str, str, str]]:
+    """(section, language, code) of each fenced block, in order; an indented fence (in a list)
+    loses its indentation."""
+    section, blocks, lines, index = "", [], text.splitlines(), 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith("## "):
+            section = line[3:].strip()
+        fence = re.match(r"(\s*)```(\w*)\s*$", line)
+        if fence:
+            indent, language, body = len(fence.group(1)), fence.group(2), []
+            index += 1
+            while not re.match(r"\s*```\s*$", lines[index]):
+                body.append(lines[index][indent:] if not lines[index][:indent].strip() else lines[index])
+                index += 1
+            blocks.append((section, language, "\n".join(body)))
+        index += 1
+    return blocks
+
+
+def readme_commands(text: str) -> list[tuple[str, str]]:
+    """(command, code) of every bash command (continuations joined, comments dropped) and every
+    python block (keyed "python: <its first line>"), in README order."""
+    found = []
+    for _, language, code in readme_blocks(text):
+        if language == "bash":
+            for line in re.sub(r"\\\n\s*", " ", code).splitlines():
+                line = re.sub(r"\s+#\s.*$", "", line).strip()
+                if line and not line.startswith("#"):
+                    found.append((line, line))
+        elif language == "python":
+            found.append((f"python: {code.splitlines()[0]}", code))
+    return found
+
+
+def test_every_readme_command_has_a_check():
+    commands = [command for command, _ in readme_commands((REPO / "README.md").read_text())]
+    missing = [command for command in commands if command not in CHECKS]
+    assert not missing, "README commands without a check in tests/test_readme.py CHECKS:\n" + "\n".join(missing)
+    stale = sorted(set(CHECKS) - set(commands))
+    assert not stale, "CHECKS entries no longer in the README:\n" + "\n".join(stale)
+    for command, check in CHECKS.items():
+        if isinstance(check, Elsewhere):
+            path, _, function = check.test.partition("::")
+            assert (REPO / path).exists(), f"{command!r}: {path} does not exist"
+            if function:
+                assert f"def {function}(" in (REPO / path).read_text(), f"{command!r}: {check.test} does not exist"
+
+
+def _fresh_copy(destination: Path) -> Path:
+    """The repository's tracked and unignored files, as a clone with the working tree's changes
+    would have them; `.venv` is this test run's environment (a link), so setup finds it installed."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (destination / ".venv").symlink_to(Path(sys.prefix))
+    return destination
+
+
+def _setup_is_current() -> bool:
+    """What scripts/setup.sh checks: the environment was installed from this pyproject.toml and
+    these constraints (else setup in the copy would reinstall the package from the copy)."""
+    import hashlib
+
+    stamp = Path(sys.prefix) / ".ckd_ray-installed"
+    want = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + (REPO / "constraints" / "cpu.txt").read_bytes()).hexdigest()[:16]
+    return stamp.exists() and stamp.read_text().strip() == want
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.readme
+def test_readme_commands_run_as_written(tmp_path):
+    if not _setup_is_current():
+        pytest.fail("the environment is older than pyproject.toml: run `bash scripts/setup.sh` first (as scripts/test.sh does)")
+    copy = _fresh_copy(tmp_path / "ckd_ray")
+    # As after `source .venv/bin/activate`, which the README's commands assume.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "PATH": f"{copy / '.venv' / 'bin'}:{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(copy / ".venv")}
+    commands = dict(readme_commands((REPO / "README.md").read_text()))
+    # README order, except that the data is built before the quickstart would build it itself.
+    order = sorted(commands, key=lambda command: (command != "ckd-ray data build-kvqa data/kvqa", list(commands).index(command)))
+    ran = []
+    for command in order:
+        check = CHECKS[command]
+        if isinstance(check, Elsewhere):
+            continue
+        if isinstance(check, PythonBlock):
+            code = re.sub(r'\["trainer\.max_steps=20"\]', repr(list(check.overrides)), commands[command])
+            assert code != commands[command], "the Python block's override list changed: update PythonBlock"
+            argv = [sys.executable, "-c", code]
+            shown = command
+        else:
+            shown = " ".join([check.as_run or command, *check.extra])
+            argv = ["bash", "-c", shown]
+        done = subprocess.run(argv, cwd=copy, env=env, capture_output=True, text=True, timeout=900)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"README command failed: {shown}\n{output[-4000:]}"
+        for text in check.expect:
+            assert text in output, f"{shown}: {text!r} not in its output\n{output[-3000:]}"
+        for name in getattr(check, "files", ()):
+            assert (copy / name).exists(), f"{shown}: {name} was not written"
+        ran.append(shown)
+    assert len(ran) >= 9, ran
