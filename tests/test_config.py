@@ -41,6 +41,20 @@ def test_every_shipped_experiment_validates_every_run(path):
     assert len(experiment.runs) >= 2
 
 
+def test_experiment_set_overrides_reach_every_run_and_the_teachers_preparation():
+    from ckd_ray.cascade.experiment import _run_config, _teacher_prep_config, load_experiment
+
+    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_steps=2", "cascade.teacher_prep_steps=[PT, FT]"])
+    teachers = {"ta": "preset", "teacher": "preset"}
+    for run in experiment.runs:  # the equal-steps row's own max_steps (80) gives way too
+        assert validate_config(_run_config(base, experiment, run, 0, teachers)).trainer.max_steps == 2
+    prep = validate_config(_teacher_prep_config(base, experiment, 0))
+    assert [step.kind for stage in prep.cascade.stages for step in stage.steps] == ["PT", "FT", "PT", "FT"]
+    assert prep.trainer.max_steps == 2
+    with pytest.raises(ConfigError, match="trainer.max_stepz"):
+        load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_stepz=2"])
+
+
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS.glob("*.yaml")}
     assert "tiny_cascade.yaml" in names and len(names) >= 4

@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from ckd_ray import storage
 from ckd_ray.cascade.config import PLAN_NAMES
@@ -51,10 +51,18 @@ class ExperimentConfig(Section):
     """Deep-merged over the base config for every run (e.g. the step budget)."""
     runs: list[ExperimentRun] = Field(min_length=1)
     """The table's rows."""
+    _command_overrides: list[str] = PrivateAttr(default_factory=list)
+    """`--set` overrides of the command line, applied to every run last (see `load_experiment`)."""
+
+    @property
+    def command_overrides(self) -> list[str]:
+        return self._command_overrides
 
 
-def load_experiment(path: str | Path) -> tuple[ExperimentConfig, dict]:
-    """The experiment and its base job config (raw, validated per run)."""
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict]:
+    """The experiment and its base job config (raw, validated per run). `overrides` (`--set
+    a.b=c`, as for a job) apply to every run's config, the teachers' preparation included, after
+    the run's own overrides: `--set trainer.max_steps=2` shrinks every row."""
     from pydantic import ValidationError
 
     from ckd_ray.config.loader import _problems_from
@@ -66,13 +74,24 @@ def load_experiment(path: str | Path) -> tuple[ExperimentConfig, dict]:
     except ValidationError as exc:
         raise ConfigError(_problems_from(exc), str(path)) from None
     base = deep_merge(read_yaml(path.parent / experiment.base), experiment.overrides)
+    if overrides:
+        _apply(deep_merge(base, {}), overrides)  # a bad --set is named once, before the rows
+        experiment._command_overrides = list(overrides)
     for run in experiment.runs:  # every row must be a valid job before anything runs
         validate_config(_run_config(base, experiment, run, 0, {"ta": "preset", "teacher": "preset"}), source=f"{path}: run {run.name}")
     return experiment, base
 
 
+def _apply(raw: dict, overrides: list[str]) -> dict:
+    from ckd_ray.config.loader import apply_override
+
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return raw
+
+
 def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, seed: int, teachers: dict) -> dict:
-    raw = deep_merge(base, run.overrides)
+    raw = _apply(deep_merge(base, run.overrides), experiment.command_overrides)
     raw["name"] = f"{experiment.name}-{run.name}-s{seed}"
     raw["seed"] = seed
     raw["cascade"] = {**raw.get("cascade", {}), "plan": run.plan, "prepare_teachers": False}
@@ -86,7 +105,7 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
 
 
 def _teacher_prep_config(base: dict, experiment: ExperimentConfig, seed: int) -> dict:
-    raw = deep_merge(base, {})
+    raw = _apply(deep_merge(base, {}), experiment.command_overrides)
     raw["name"] = f"{experiment.name}-teachers-s{seed}"
     raw["seed"] = seed
     from ckd_ray.cascade.config import CascadeConfig

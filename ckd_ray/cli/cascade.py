@@ -58,7 +58,9 @@ def evaluate(config_paths, overrides, models) -> None:
 
 @click.command()
 @click.argument("experiment_path", type=click.Path(exists=True, dir_okay=False))
-def experiment(experiment_path) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a value of every run's config, after the row's own overrides (e.g. --set trainer.max_steps=2).")
+def experiment(experiment_path, overrides) -> None:
     """Run every plan of EXPERIMENT_PATH (kind: experiment) and write the comparison table."""
     import sys
 
@@ -66,7 +68,7 @@ def experiment(experiment_path) -> None:
     from ckd_ray.config import ConfigError
 
     try:
-        spec, base = load_experiment(experiment_path)
+        spec, base = load_experiment(experiment_path, list(overrides))
         table_uri = run_experiment(spec, base, log=click.echo)  # a run's missing data: ConfigError before Ray starts
     except ConfigError as exc:
         click.echo(str(exc), err=True)
