@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RAY_FIXTURES = {"ray_local", "ray_cluster", "s3_for_workers"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group into the node id
 def pytest_collection_modifyitems(items):
     """With `-n 2` (scripts/test.sh), every test that starts or uses Ray goes to one xdist group,
     so they run one at a time on one worker while the other worker runs the rest: two Ray
@@ -31,6 +32,24 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("ray") or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under `--dist loadgroup`, xdist has marked each grouped test by suffixing its node id with
+    `@<group>` by now; without it the scheduler spreads the Ray tests over both workers, and the
+    suite slows down (two Ray clusters on 2 cores) and can fail a raylet's startup. Refuse to run
+    that way (pytest 9.2 moved node ids where pytest-xdist 3.8 cannot suffix them)."""
+    config = session.config
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    ungrouped = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if ungrouped:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {len(ungrouped)} Ray tests (e.g. {ungrouped[0]}): this pytest "
+            f"({pytest.__version__}) and pytest-xdist do not work together for --dist loadgroup; install the "
+            "versions pyproject.toml pins (bash scripts/setup.sh)"
+        )
 
 
 def _free_port() -> int:
