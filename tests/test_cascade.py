@@ -63,14 +63,21 @@ def test_teacher_preparation_steps_carry_their_own_budget():
     assert all(s.step.max_steps is None for s in steps[2:])  # the student's stages keep trainer.max_steps
 
 
-def test_experiment_table_leaves_preservation_undefined_for_a_teacher_scoring_zero():
-    from ckd_ray.cascade.experiment import TABLE_METRICS, ExperimentConfig, _table
+def test_experiment_table_shows_mean_and_spread_and_leaves_preservation_undefined_for_a_teacher_scoring_zero():
+    from ckd_ray.cascade.experiment import TABLE_METRICS, ExperimentConfig, _Row, _table
 
-    experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", runs=[{"name": "kd", "plan": "single_teacher"}])
-    student = {m: 0.25 for m in TABLE_METRICS}
-    row = _table(experiment, {"kd": [student]}, {}, {m: 0.5 for m in TABLE_METRICS}, {"kd": [120]}).splitlines()[-1]
-    assert row.startswith("| single_teacher | T->S | 120 | 0.250 |") and row.endswith("| 0.500 |")
-    assert _table(experiment, {"kd": [student]}, {}, {m: 0.0 for m in TABLE_METRICS}).splitlines()[-1].endswith("| - |")
+    experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", seeds=[0],
+                                  runs=[{"name": "kd", "plan": "single_teacher"}])
+    row = _Row(scores=[{m: 0.25 for m in TABLE_METRICS}], steps=[120], samples=[3840])
+    line = _table(experiment, {"kd": row}, {}, {"teacher": {m: 0.5 for m in TABLE_METRICS}}).splitlines()[-1]
+    assert line.startswith("| single_teacher | T->S | 120 | 3,840 | 0.250 |") and line.endswith("| 0.500 |")
+    zero = {"teacher": {m: 0.0 for m in TABLE_METRICS}}
+    assert _table(experiment, {"kd": row}, {}, zero).splitlines()[-1].endswith("| - |")
+    three = experiment.model_copy(update={"seeds": [0, 1, 2]})
+    row3 = _Row(scores=[{m: v for m in TABLE_METRICS} for v in (0.1, 0.2, 0.3)], steps=[120] * 3, samples=[3840] * 3)
+    text = _table(three, {"kd": row3}, {}, {"teacher": {m: 0.5 for m in TABLE_METRICS}})
+    assert "| single_teacher | T->S | 120 | 3,840 | 0.200 +- 0.100 |" in text
+    assert "## Seed 2" in text and "| single_teacher | 0.300 |" in text  # the per-seed tables are kept
 
 
 def _manifest(run: Path) -> dict:

@@ -48,9 +48,23 @@ def test_experiment_set_overrides_reach_every_run_and_the_teachers_preparation()
     teachers = {"ta": "preset", "teacher": "preset"}
     for run in experiment.runs:  # the equal-steps row's own max_steps (80) gives way too
         assert validate_config(_run_config(base, experiment, run, 0, teachers)).trainer.max_steps == 2
-    prep = validate_config(_teacher_prep_config(base, experiment, 0))
+    prep = validate_config(_teacher_prep_config(base, experiment))
     assert [step.kind for stage in prep.cascade.stages for step in stage.steps] == ["PT", "FT", "PT", "FT"]
     assert prep.trainer.max_steps == 2
+
+
+def test_the_teachers_are_prepared_once_for_every_seed_in_a_run_named_by_its_config():
+    from ckd_ray.cascade.experiment import _teacher_prep_config, load_experiment
+
+    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml")
+    prep = _teacher_prep_config(base, experiment)
+    assert prep["seed"] == experiment.seeds[0]
+    assert _teacher_prep_config(base, experiment)["name"] == prep["name"]  # the same recipe: the same run folder
+    assert prep["name"].startswith("teachers-")
+    shorter, base2 = load_experiment(CONFIGS / "kvqa_table.yaml", ["cascade.teacher_prep_steps=[PT, FT]"])
+    assert _teacher_prep_config(base2, shorter)["name"] != prep["name"]  # another recipe: other teachers
+    student_only, base3 = load_experiment(CONFIGS / "kvqa_table.yaml", ["evaluation.max_samples=8"])
+    assert _teacher_prep_config(base3, student_only)["name"] != prep["name"]  # its scores are recorded in that run
     with pytest.raises(ConfigError, match="trainer.max_stepz"):
         load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_stepz=2"])
 

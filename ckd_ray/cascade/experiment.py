@@ -2,13 +2,16 @@
 table (seed 001's Tables 1 and 3: method, stages, per-metric scores, average; seed 000's Table 2:
 accuracy and knowledge preservation after each curriculum stage vs end-to-end).
 
-Teachers are prepared once per seed (TinyLLaVA recipe) and shared by every plan, so the plans
-differ only in how the student learns.
+Teachers are prepared once (TinyLLaVA recipe, in a run named by a digest of its config, so an
+unchanged recipe is never trained twice) and shared by every plan and seed, so the rows differ
+only in how the student learns. Cells are mean +- spread over seeds; the differences the papers
+claim get a paired bootstrap interval over the test samples.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean
 from typing import Literal
@@ -19,6 +22,7 @@ from ckd_ray import storage
 from ckd_ray.cascade.config import PLAN_NAMES
 from ckd_ray.config.base import Section
 from ckd_ray.config.loader import ConfigError, Problem, deep_merge, read_yaml, validate_config
+from ckd_ray.evaluate.stats import Difference, mean_spread, paired_bootstrap
 
 TABLE_METRICS = ("open_em", "yes_no_f1", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc", "average")
 
@@ -45,8 +49,9 @@ class ExperimentConfig(Section):
     """Experiment name: its folder under the base config's storage.root."""
     base: str
     """Job config every run starts from (path relative to this file)."""
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    """Seeds; each runs every plan (scores are averaged over seeds)."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    """Seeds of the student's runs; each runs every plan (cells: mean +- spread over seeds). The
+    teachers are prepared once, with the first seed, and shared by every seed."""
     overrides: dict = {}
     """Deep-merged over the base config for every run (e.g. the step budget)."""
     runs: list[ExperimentRun] = Field(min_length=1)
@@ -104,86 +109,167 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
     return raw
 
 
-def _teacher_prep_config(base: dict, experiment: ExperimentConfig, seed: int) -> dict:
+def _teacher_prep_config(base: dict, experiment: ExperimentConfig) -> dict:
+    """The run that prepares the TA and the teacher, once for every seed (the rows differ only in
+    how the student learns). Its name carries a digest of its own config, so a changed recipe
+    prepares new teachers and an unchanged one, in this experiment or a later one, reuses them."""
     raw = _apply(deep_merge(base, {}), experiment.command_overrides)
-    raw["name"] = f"{experiment.name}-teachers-s{seed}"
-    raw["seed"] = seed
+    raw["seed"] = experiment.seeds[0]
     from ckd_ray.cascade.config import CascadeConfig
 
     steps = raw.get("cascade", {}).get("teacher_prep_steps", CascadeConfig.model_fields["teacher_prep_steps"].default)
+    steps = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in steps]
     raw["cascade"] = {"prepare_teachers": False, "stages": [
         {"name": f"prepare-{role}", "learner": role, "steps": steps} for role in ("ta", "teacher")
     ]}
+    from ckd_ray.cascade.manifest import config_hash
+
+    raw["name"] = "teachers"
+    digest = config_hash(validate_config(raw))[:10]  # what the run computes, as its manifest identifies it
+    raw["name"] = f"teachers-{digest}"
     return raw
 
 
+@dataclass
+class _Row:
+    """One row's results, one entry per seed."""
+
+    scores: list[dict] = field(default_factory=list)
+    records: list[list[dict]] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+
+
 def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
-    """Runs every (seed, plan) cascade (each resumable through its own manifest) and writes
-    `table.md` and `table.json` into `<storage.root>/<experiment name>/`; returns the table URI."""
+    """Prepares the teachers once, runs every (seed, plan) cascade (each resumable through its
+    own manifest), and writes `table.md` and `table.json` into `<storage.root>/<experiment
+    name>/`: mean and spread over seeds, the paired bootstrap of the differences the papers
+    claim, and the per-seed tables. Returns the table URI."""
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.runner import run_cascade
 
-    rows: dict[str, list[dict]] = {run.name: [] for run in experiment.runs}
-    budgets: dict[str, list[int]] = {run.name: [] for run in experiment.runs}
+    root = storage.join(str(base.get("storage", {}).get("root", "runs")), experiment.name)
+    prep = validate_config(_teacher_prep_config(base, experiment))
+    log(f"[experiment] teachers: {prep.name}, prepared once for seeds {experiment.seeds} (reused when an earlier run prepared them)")
+    run_cascade(prep, log=log)
+    prepared = Manifest.open(prep.run_uri, prep)
+    teachers = {role: prepared.roles[role] for role in ("ta", "teacher")}
+    prepared_scores = {role: prepared.evaluations[f"prepare-{role} ({role})"]["scores"] for role in ("ta", "teacher")}
+    rows: dict[str, _Row] = {run.name: _Row() for run in experiment.runs}
     stage_rows: dict[str, list[dict]] = {}
-    teacher_scores = []
     for seed in experiment.seeds:
-        prep = validate_config(_teacher_prep_config(base, experiment, seed))
-        log(f"[experiment] seed {seed}: preparing the TA and the teacher ({prep.name})")
-        run_cascade(prep, log=log)
-        prepared = Manifest.open(prep.run_uri, prep)
-        teachers = {role: prepared.roles[role] for role in ("ta", "teacher")}
-        teacher_scores.append(prepared.evaluations["prepare-teacher (teacher)"]["scores"])
         for run in experiment.runs:
             job = validate_config(_run_config(base, experiment, run, seed, teachers))
             log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
             run_cascade(job, log=log)
             manifest = Manifest.open(job.run_uri, job)
-            student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")]
-            rows[run.name].append(student[-1]["scores"])
-            budgets[run.name].append(_student_steps(manifest))
+            student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")][-1]
+            row = rows[run.name]
+            row.scores.append(student["scores"])
+            row.records.append(_read_records(student["predictions_uri"]))
+            row.steps.append(_student_total(manifest, "step"))
+            row.samples.append(_student_total(manifest, "samples_seen"))
             if run.plan in ("progressive", "end_to_end"):
                 for name, entry in manifest.evaluations.items():
                     if name.endswith("(student)"):
                         stage_rows.setdefault(f"{run.name}: {name.removesuffix(' (student)')}", []).append(entry["scores"])
-    root = storage.join(str(base.get("storage", {}).get("root", "runs")), experiment.name)
-    teacher = {k: mean(s[k] for s in teacher_scores) for k in TABLE_METRICS if all(k in s for s in teacher_scores)}
-    table = _table(experiment, rows, stage_rows, teacher, budgets)
+    comparisons = _comparisons(experiment, rows)
+    table = _table(experiment, rows, stage_rows, prepared_scores, comparisons)
     storage.write_bytes(storage.join(root, "table.md"), table.encode())
-    storage.write_bytes(storage.join(root, "table.json"), json.dumps(
-        {"seeds": experiment.seeds, "teacher": teacher, "rows": rows, "student_steps": budgets, "stages": stage_rows},
-        indent=2).encode())
+    storage.write_bytes(storage.join(root, "table.json"), json.dumps({
+        "seeds": experiment.seeds, "teachers": {"run": prep.run_uri, "scores": prepared_scores},
+        "rows": {name: {"scores": r.scores, "student_steps": r.steps, "samples_seen": r.samples} for name, r in rows.items()},
+        "stages": stage_rows, "comparisons": {name: asdict(d) for name, d in comparisons.items()},
+    }, indent=2).encode())
     log(table)
     return storage.join(root, "table.md")
 
 
-def _student_steps(manifest) -> int:
-    """Optimizer steps the student took over the whole plan: plans differ in how many steps they
-    run, so the table shows each row's training budget next to its scores."""
-    return int(sum(entry.get("metrics", {}).get("step", 0) for entry in manifest.steps.values() if entry.get("learner") == "student"))
+def _read_records(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
-def _table(experiment: ExperimentConfig, rows: dict, stage_rows: dict, teacher: dict, budgets: dict | None = None) -> str:
-    stages = {"student_only": "-", "single_teacher": "T->S", "bottom_up": "TA->S, T->S", "top_down": "T->TA, TA->S",
-              "progressive": "T->S (hop 0, <=1, all)", "end_to_end": "T->S (all hops)"}
-    budgets = budgets or {}
-    header = "| method | stages | student steps | " + " | ".join(TABLE_METRICS) + " | preservation |"
-    lines = [f"# {experiment.name}", "", f"Seeds: {experiment.seeds}; scores on the benchmark's test split, mean over seeds; "
-             "student steps: the student's optimizer steps over the whole plan.", "",
-             header, "|---" * (len(TABLE_METRICS) + 4) + "|"]
-    lines.append("| Teacher (prepared) | - | - | " + " | ".join(f"{teacher.get(m, 0):.3f}" for m in TABLE_METRICS) + " | 1.000 |")
+def _student_total(manifest, metric: str) -> int:
+    """Sum over the student's steps of a step's final metric (`step`: optimizer steps;
+    `samples_seen`): plans differ in how many steps they run, so the table shows each row's
+    training budget next to its scores."""
+    return int(sum(entry.get("metrics", {}).get(metric, 0) for entry in manifest.steps.values() if entry.get("learner") == "student"))
+
+
+# The differences the papers claim (seed 001: CKD over LLaVA-KD, bottom-up over top-down; seed 000:
+# the progressive curriculum over end-to-end), as (A, B, claim) by plan.
+CLAIMS = (
+    ("bottom_up", "single_teacher", "LLaVA-CKD beats LLaVA-KD (seed 001, Table 1)"),
+    ("bottom_up", "top_down", "bottom-up beats top-down (seed 001, Table 3)"),
+    ("progressive", "end_to_end", "the progressive curriculum beats end-to-end (seed 000, Table 2)"),
+)
+
+
+def _comparisons(experiment: ExperimentConfig, rows: dict[str, _Row]) -> dict[str, Difference]:
+    by_plan: dict[str, str] = {}
     for run in experiment.runs:
-        scores = {m: mean(s.get(m, 0.0) for s in rows[run.name]) for m in TABLE_METRICS}
-        steps = f"{mean(budgets[run.name]):.0f}" if budgets.get(run.name) else "-"
-        lines.append(f"| {run.method or run.plan} | {stages[run.plan]} | {steps} | " + " | ".join(f"{scores[m]:.3f}" for m in TABLE_METRICS)
-                     + f" | {_preservation(scores['average'], teacher)} |")
+        by_plan.setdefault(run.plan, run.name)  # the first row of a plan is its method's row
+    out = {}
+    for a, b, claim in CLAIMS:
+        if a in by_plan and b in by_plan:
+            out[claim] = paired_bootstrap(rows[by_plan[a]].records, rows[by_plan[b]].records)
+    return out
+
+
+STAGES = {"student_only": "-", "single_teacher": "T->S", "bottom_up": "TA->S, T->S", "top_down": "T->TA, TA->S",
+          "progressive": "T->S (hop 0, <=1, all)", "end_to_end": "T->S (all hops)"}
+
+
+def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict, prepared: dict,
+           comparisons: dict[str, Difference] | None = None) -> str:
+    seeds = experiment.seeds
+    teacher = prepared.get("teacher", {})
+    header = "| method | stages | student steps | samples seen | " + " | ".join(TABLE_METRICS) + " | preservation |"
+    rule = "|---|---|---:|---:|" + "---:|" * (len(TABLE_METRICS) + 1)
+    spread = " +- sample standard deviation over seeds" if len(seeds) > 1 else ""
+    lines = [f"# {experiment.name}", "", f"Seeds: {seeds}; scores on the benchmark's test split, mean{spread}; "
+             "student steps and samples seen: the student's optimizer steps and training samples over the whole plan; "
+             "preservation: the student's average over the prepared teacher's.", "", header, rule]
+    for role, label in (("teacher", "Teacher (prepared)"), ("ta", "TA (prepared)")):
+        if role in prepared:
+            cells = " | ".join(f"{prepared[role].get(m, 0):.3f}" for m in TABLE_METRICS)
+            lines.append(f"| {label} | - | - | - | {cells} | {_preservation(prepared[role].get('average', 0), teacher)} |")
+    for run in experiment.runs:
+        row = rows[run.name]
+        cells = " | ".join(_cell([s.get(m, 0.0) for s in row.scores]) for m in TABLE_METRICS)
+        average = mean(s.get("average", 0.0) for s in row.scores) if row.scores else 0.0
+        steps = f"{mean(row.steps):.0f}" if row.steps else "-"
+        samples = f"{mean(row.samples):,.0f}" if row.samples else "-"
+        lines.append(f"| {run.method or run.plan} | {STAGES[run.plan]} | {steps} | {samples} | {cells} | {_preservation(average, teacher)} |")
+    if comparisons:
+        lines += ["", "## The papers' claims (paired bootstrap over test samples)", "",
+                  "Difference in `average` (A - B), mean over seeds; interval: 95% paired bootstrap (the same "
+                  "resampled test samples for both rows and every seed); P(A <= B): share of draws in which A does not win.", "",
+                  "| claim | A - B | 95% interval | P(A <= B) | per seed | holds here |", "|---|---:|---|---:|---|---|"]
+        for claim, d in comparisons.items():
+            holds = "yes" if d.low > 0 else ("no: B is ahead" if d.high < 0 else "not separable")
+            per_seed = ", ".join(f"{x:+.3f}" for x in d.per_seed)
+            lines.append(f"| {claim} | {d.observed:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.p_not_better:.3f} | {per_seed} | {holds} |")
     if stage_rows:
         lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | average | preservation |", "|---|---|---|---|"]
         for name, scores in stage_rows.items():
-            accuracy = mean(s["accuracy"] for s in scores)
             average = mean(s["average"] for s in scores)
-            lines.append(f"| {name} | {accuracy:.3f} | {average:.3f} | {_preservation(average, teacher)} |")
+            lines.append(f"| {name} | {_cell([s['accuracy'] for s in scores])} | {_cell([s['average'] for s in scores])} | {_preservation(average, teacher)} |")
+    if len(seeds) > 1:
+        for k, seed in enumerate(seeds):
+            lines += ["", f"## Seed {seed}", "", "| method | " + " | ".join(TABLE_METRICS) + " |", "|---|" + "---:|" * len(TABLE_METRICS)]
+            for run in experiment.runs:
+                scores = rows[run.name].scores
+                if k < len(scores):
+                    lines.append(f"| {run.method or run.plan} | " + " | ".join(f"{scores[k].get(m, 0.0):.3f}" for m in TABLE_METRICS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m, s = mean_spread(values)
+    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} +- {s:.3f}"
 
 
 def _preservation(average: float, teacher: dict) -> str:
