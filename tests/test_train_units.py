@@ -69,6 +69,12 @@ def test_plan_overrides_and_step_budget():
     step = StepConfig(kind="DFT", lr=3e-3, max_steps=2)
     plan = plan_step(job, stage, step, init_model_uri="init", export_uri="out", num_train_samples=1000)
     assert (plan.total_steps, plan.optimizer.lr) == (2, 3e-3)
+    assert plan.freeze_policy == "connector+llm"  # DFT's own policy
+    plan = plan_step(job, StageConfig(steps=["PT"]), StepConfig(kind="PT", lr=1e-3, freeze="connector+llm"),
+                     init_model_uri="init", export_uri="out", num_train_samples=1000)
+    assert plan.freeze_policy == "connector+llm"  # PT trains the connector alone unless told
+    with pytest.raises(ValueError, match="freeze"):
+        StepConfig(kind="PT", freeze="vision")
     with pytest.raises(ValueError, match="no optimizer step"):
         plan_step(job, stage, StepConfig(kind="DFT"), init_model_uri="init", export_uri="out", num_train_samples=1)
 

@@ -11,7 +11,8 @@ from ckd_ray.losses.config import LossConfig
 from ckd_ray.train.config import StepKind
 
 # Freeze policy of each step type (seed 001): the vision tower is always frozen.
-STEP_FREEZE: dict[str, str] = {"PT": "connector", "FT": "connector+llm", "DPT": "connector", "SFT": "connector+llm", "DFT": "connector+llm"}
+FreezePolicy = Literal["connector", "connector+llm"]
+STEP_FREEZE: dict[str, FreezePolicy] = {"PT": "connector", "FT": "connector+llm", "DPT": "connector", "SFT": "connector+llm", "DFT": "connector+llm"}
 DISTILLATION_STEPS = ("DPT", "DFT")
 CAPTION_STEPS = ("PT", "DPT")
 
@@ -34,6 +35,11 @@ class StepConfig(Section):
     """Overrides trainer.epochs for this step."""
     max_steps: int | None = Field(None, ge=1)
     """Overrides trainer.max_steps for this step."""
+    freeze: FreezePolicy | None = None
+    """What trains: "connector" or "connector+llm" (the vision tower never does). Default: the
+    step type's policy (seed 001: PT and DPT train the connector, the rest connector + LLM). A
+    teacher trained from a random LLM needs "connector+llm" in PT: a frozen random LLM cannot
+    learn to caption."""
     loss: LossConfig | None = None
     """Overrides the stage's loss for this step."""
 

@@ -88,7 +88,7 @@ def plan_step(
         kind=step.kind,
         init_model_uri=init_model_uri,
         trust_remote_code=learner.trust_remote_code,
-        freeze_policy=STEP_FREEZE[step.kind],
+        freeze_policy=step.freeze or STEP_FREEZE[step.kind],
         loss=loss,
         optimizer=OptimizerPlan(
             lr=step.lr or trainer.lr[step.kind],
