@@ -46,11 +46,30 @@ def test_experiment_set_overrides_reach_every_run_and_the_teachers_preparation()
 
     experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_steps=2", "cascade.teacher_prep_steps=[PT, FT]"])
     teachers = {"ta": "preset", "teacher": "preset"}
-    for run in experiment.runs:  # the equal-steps row's own max_steps (80) gives way too
+    for run in experiment.runs:  # --set comes after the budget rule: it shrinks every row
         assert validate_config(_run_config(base, experiment, run, 0, teachers)).trainer.max_steps == 2
     prep = validate_config(_teacher_prep_config(base, experiment))
     assert [step.kind for stage in prep.cascade.stages for step in stage.steps] == ["PT", "FT", "PT", "FT"]
     assert prep.trainer.max_steps == 2
+
+
+def test_the_experiment_budget_rule_gives_every_row_the_same_student_steps():
+    from ckd_ray.cascade.experiment import _run_config, load_experiment, student_step_count
+    from ckd_ray.cascade.steps import step_budget
+
+    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml")
+    teachers = {"ta": "preset", "teacher": "preset"}
+    assert {plan: student_step_count(plan) for plan in ("student_only", "single_teacher", "top_down", "bottom_up",
+                                                         "progressive", "end_to_end")} == {
+        "student_only": 2, "single_teacher": 3, "top_down": 3, "bottom_up": 6, "progressive": 5, "end_to_end": 5}
+    for run in experiment.runs:
+        job = validate_config(_run_config(base, experiment, run, 0, teachers))
+        budgets = [step_budget(job, step)[0] for stage in job.cascade.resolved_stages() if stage.learner == "student"
+                   for step in stage.steps]
+        assert sum(budgets) == experiment.student_steps == 240, run.name
+    experiment.student_steps = 100  # 100 does not split over 3 or 6 student steps
+    with pytest.raises(ConfigError, match="student_steps.*llava-kd.*multiple"):
+        _run_config(base, experiment, experiment.runs[1], 0, teachers)
 
 
 def test_the_teachers_are_prepared_once_for_every_seed_in_a_run_named_by_its_config():

@@ -54,6 +54,14 @@ class ExperimentConfig(Section):
     teachers are prepared once, with the first seed, and shared by every seed."""
     overrides: dict = {}
     """Deep-merged over the base config for every run (e.g. the step budget)."""
+    student_steps: int | None = Field(None, ge=1)
+    """Budget rule: every row's student gets this many optimizer steps in all, split evenly over
+    the plan's student steps (a plan of 6 student steps runs 40 per step at 240; one of 2 runs
+    120). A row's TA steps (top-down) run the same per-step count. `trainer.epochs` still applies:
+    with a step budget a step reads budget / epochs distinct samples and passes over them
+    `epochs` times, so set it high enough for the smallest data set a step reads (the table's
+    "student steps" column shows what each row ran). None: the base config's per-step budget for
+    every step (rows then differ in student steps)."""
     runs: list[ExperimentRun] = Field(min_length=1)
     """The table's rows."""
     _command_overrides: list[str] = PrivateAttr(default_factory=list)
@@ -95,8 +103,24 @@ def _apply(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def student_step_count(plan: str) -> int:
+    """Training steps (PT, DPT, ...) in which a plan's student learns."""
+    from ckd_ray.cascade.config import plan_stages
+
+    return sum(len(stage.steps) for stage in plan_stages(plan) if stage.learner == "student")
+
+
 def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, seed: int, teachers: dict) -> dict:
-    raw = _apply(deep_merge(base, run.overrides), experiment.command_overrides)
+    raw = deep_merge(base, run.overrides)
+    if experiment.student_steps is not None:  # the budget rule, before `--set` (which may shrink it)
+        count = student_step_count(run.plan)
+        if experiment.student_steps % count:
+            raise ConfigError([Problem("student_steps", f"{experiment.student_steps} does not split evenly over the "
+                                       f"{count} student steps of row {run.name!r} ({run.plan})",
+                                       "choose a multiple of every row's student step count (240 suits 2, 3, 5 and 6)")],
+                              f"experiment {experiment.name}")
+        raw["trainer"] = {**raw.get("trainer", {}), "max_steps": experiment.student_steps // count}
+    raw = _apply(raw, experiment.command_overrides)
     raw["name"] = f"{experiment.name}-{run.name}-s{seed}"
     raw["seed"] = seed
     raw["cascade"] = {**raw.get("cascade", {}), "plan": run.plan, "prepare_teachers": False}
