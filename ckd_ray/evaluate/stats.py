@@ -104,9 +104,7 @@ def paired_bootstrap(a_per_seed: list[list[dict]], b_per_seed: list[list[dict]],
             raise ValueError("the rows were scored on different test samples: a paired comparison needs the same ones")
     n = len(ids)
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    weights = np.zeros((resamples, n), dtype=np.float64)
-    np.add.at(weights, (np.repeat(np.arange(resamples), n), draws.ravel()), 1.0)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)  # each draw's counts per sample
     ones = np.ones((1, n), dtype=np.float64)
     per_seed = tuple(float(a.average(ones)[0] - b.average(ones)[0]) for a, b in zip(a_cols, b_cols))
     diffs = np.mean([a.average(weights) - b.average(weights) for a, b in zip(a_cols, b_cols)], axis=0)
