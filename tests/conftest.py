@@ -58,6 +58,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _free_ports(count: int, taken: set[int]) -> list[int]:
+    """`count` distinct free ports, none of them in `taken` (which it extends). The sockets stay
+    bound until all are picked, so the kernel cannot hand the same port out twice; a cluster's
+    nodes are started one after another, so `taken` keeps a later node off an earlier one's ports."""
+    socks, ports = [], []
+    try:
+        while len(ports) < count:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+            port = sock.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
+                taken.add(port)
+    finally:
+        for sock in socks:
+            sock.close()
+    return ports
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint: moto in server mode, in its own process on 127.0.0.1. Sets the AWS_*
@@ -124,6 +144,26 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def _worker_port_range(taken: set[int], width: int = 200) -> int:
+    """The low end of `width` consecutive ports for a node's workers, below the kernel's ephemeral
+    range (where `_free_ports` draws), all free now and none in `taken` (which it extends)."""
+    for low in range(20000, 32000, width):
+        span = range(low, low + width + 1)
+        if taken.isdisjoint(span) and all(_bindable(port) for port in span):
+            taken.update(span)
+            return low
+    raise RuntimeError("no free range of worker ports in 20000-32000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class RayCluster:
     """A real Ray cluster of `ray start` processes on loopback: a head, then any nodes joined to it
     with `ray start --address`, each with its own ports, all in one temp folder (socket paths
@@ -132,27 +172,31 @@ class RayCluster:
 
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.temp_dir = f"/tmp/ckd-ray-{os.getpid()}-{_free_port()}"
+        self.taken: set[int] = set()
+        self.temp_dir = f"/tmp/ckd-ray-{os.getpid()}-{_free_ports(1, self.taken)[0]}"
         self.gcs = self.dashboard = None
 
     def _start(self, args: list[str]) -> None:
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
-        ports = ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--disable-usage-stats",
-                 "--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
-                 "--metrics-export-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-                 "--dashboard-agent-grpc-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]
+        names = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+        ports = ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--disable-usage-stats"]
+        for name, port in zip(names, _free_ports(len(names), self.taken)):
+            ports += [name, str(port)]
         # Started with SIGINT ignored, as `ray start ... &` in a script (or a CI runner) leaves it: Ray's
         # processes inherit that, the harsher case for the task cancellation at the end of a pass.
-        subprocess.run([ray, "start", *args, *ports], check=True, env=self.env, capture_output=True, timeout=300,
-                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        done = subprocess.run([ray, "start", *args, *ports], env=self.env, capture_output=True, text=True, timeout=300,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        if done.returncode:
+            raise RuntimeError(f"`ray start {' '.join(args + ports)}` failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
     def start_head(self, num_cpus: int, resources: dict | None = None) -> str:
         """Starts the head (dashboard and job API on 127.0.0.1); returns the job API's address."""
         import json
 
-        self.gcs, dashboard = _free_port(), _free_port()
+        self.gcs, dashboard, client = _free_ports(3, self.taken)
         self._start(["--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                     "--include-dashboard", "true", "--ray-client-server-port", str(_free_port()),
+                     "--include-dashboard", "true", "--ray-client-server-port", str(client),
                      "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {})])
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         return self.dashboard
@@ -161,7 +205,7 @@ class RayCluster:
         """Joins one more node (a raylet with its own resources) to the head."""
         import json
 
-        low = _free_port()
+        low = _worker_port_range(self.taken)
         self._start(["--address", f"127.0.0.1:{self.gcs}", "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
                      "--min-worker-port", str(low), "--max-worker-port", str(low + 200)])
 
