@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install-prometheus.sh || echo "[test] prometheus could not be installed: its dashboard test will be skipped"
-# Two workers: the Ray tests run one at a time on one of them (tests/conftest.py), the rest beside.
+# Two workers, each running one group of Ray tests one at a time (tests/conftest.py), the rest beside.
 exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
