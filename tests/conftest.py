@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-RAY_FIXTURES = {"ray_local", "ray_cluster", "s3_for_workers"}
+RAY_FIXTURES = {"ray_local", "s3_for_workers"}
 # Tests that start Ray processes of their own (`ray start` clusters, `ckd-ray` subprocesses with a
 # local Ray, a driver program for Prometheus to scrape) rather than use the session's `ray_local`.
 OWN_RAY_FIXTURES = {"ray_cluster", "ray_head", "scraped_run", "metrics_workload"}
@@ -61,16 +61,14 @@ def pytest_collection_finish(session):
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Every port this test process has handed out: a port drawn for one server is never drawn again
+# for another, even after the socket that found it free is closed.
+_TAKEN: set[int] = set()
 
 
-def _free_ports(count: int, taken: set[int]) -> list[int]:
-    """`count` distinct free ports, none of them in `taken` (which it extends). The sockets stay
-    bound until all are picked, so the kernel cannot hand the same port out twice; a cluster's
-    nodes are started one after another, so `taken` keeps a later node off an earlier one's ports."""
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1, none handed out before in this process. The
+    sockets stay bound until all are picked, so the kernel cannot return the same port twice."""
     socks, ports = [], []
     try:
         while len(ports) < count:
@@ -78,13 +76,23 @@ def _free_ports(count: int, taken: set[int]) -> list[int]:
             sock.bind(("127.0.0.1", 0))
             socks.append(sock)
             port = sock.getsockname()[1]
-            if port not in taken:
+            if port not in _TAKEN:
                 ports.append(port)
-                taken.add(port)
+                _TAKEN.add(port)
     finally:
         for sock in socks:
             sock.close()
     return ports
+
+
+def _free_port() -> int:
+    return _free_ports(1)[0]
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """`free_ports(n)`: n distinct free ports for servers a test starts, never handed out twice."""
+    return _free_ports
 
 
 @pytest.fixture(scope="session")
@@ -157,14 +165,14 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
-def _worker_port_range(taken: set[int], width: int = 200) -> int:
-    """The low end of `width` consecutive ports for a node's workers, below the kernel's ephemeral
-    range (where `_free_ports` draws), all free now and none in `taken` (which it extends)."""
-    for low in range(20000, 32000, width):
+def _worker_port_range(width: int = 200) -> tuple[int, int]:
+    """(min, max) of `width` + 1 consecutive ports for a node's workers, below the kernel's
+    ephemeral range (where `_free_ports` draws), all free now and none handed out before."""
+    for low in range(20000, 32000, width + 1):
         span = range(low, low + width + 1)
-        if taken.isdisjoint(span) and all(_bindable(port) for port in span):
-            taken.update(span)
-            return low
+        if _TAKEN.isdisjoint(span) and all(_bindable(port) for port in span):
+            _TAKEN.update(span)
+            return low, low + width
     raise RuntimeError("no free range of worker ports in 20000-32000")
 
 
@@ -198,8 +206,7 @@ class RayCluster:
 
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.taken: set[int] = set()
-        self.temp_dir = f"/tmp/ckd-ray-{os.getpid()}-{_free_ports(1, self.taken)[0]}"
+        self.temp_dir = f"/tmp/ckd-ray-{os.getpid()}-{_free_port()}"
         self.gcs = self.dashboard = None
 
     def _start(self, args: list[str]) -> None:
@@ -207,7 +214,7 @@ class RayCluster:
         names = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
                  "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
         ports = ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--disable-usage-stats"]
-        for name, port in zip(names, _free_ports(len(names), self.taken)):
+        for name, port in zip(names, _free_ports(len(names))):
             ports += [name, str(port)]
         # Started with SIGINT ignored, as `ray start ... &` in a script (or a CI runner) leaves it: Ray's
         # processes inherit that, the harsher case for the task cancellation at the end of a pass.
@@ -220,7 +227,7 @@ class RayCluster:
         """Starts the head (dashboard and job API on 127.0.0.1); returns the job API's address."""
         import json
 
-        self.gcs, dashboard, client = _free_ports(3, self.taken)
+        self.gcs, dashboard, client = _free_ports(3)
         self._start(["--head", "--port", str(self.gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                      "--include-dashboard", "true", "--ray-client-server-port", str(client),
                      "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {})])
@@ -231,9 +238,9 @@ class RayCluster:
         """Joins one more node (a raylet with its own resources) to the head."""
         import json
 
-        low = _worker_port_range(self.taken)
+        low, high = _worker_port_range()
         self._start(["--address", f"127.0.0.1:{self.gcs}", "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
-                     "--min-worker-port", str(low), "--max-worker-port", str(low + 200)])
+                     "--min-worker-port", str(low), "--max-worker-port", str(high)])
 
     def stop(self) -> None:
         for sig in ("TERM", "KILL"):

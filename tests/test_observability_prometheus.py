@@ -15,7 +15,6 @@ import os
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -187,12 +186,6 @@ def metrics_workload() -> MetricsWorkload:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(
@@ -269,7 +262,7 @@ class ScrapedRun:
 
 
 @pytest.fixture(scope="module")
-def scraped_run(metrics_workload):
+def scraped_run(metrics_workload, free_ports):
     """Ray cluster + Prometheus scraping it + the workload run to completion; yields the time span."""
     if PROMETHEUS is None:
         pytest.skip("the `prometheus` binary is not installed (scripts/install-prometheus.sh installs it)")
@@ -277,15 +270,16 @@ def scraped_run(metrics_workload):
     if missing:
         pytest.fail(f"Ray's metrics agent needs ray[default] (missing {missing}): install the project's dependencies")
     temp_dir = Path(tempfile.mkdtemp(prefix="ckdprom-", dir="/tmp"))  # short: Ray's socket paths must fit
+    dashboard_port, export_port, autoscaler_metrics_port, dashboard_metrics_port, port = free_ports(5)
     processes: list[subprocess.Popen] = []
     logs = []
     try:
         cluster_log = open(temp_dir / "ray-cluster.log", "w")
         logs.append(cluster_log)
         cluster = subprocess.Popen(
-            [sys.executable, "-c", RAY_CLUSTER_SOURCE, str(_free_port()), str(_free_port()), str(temp_dir / "ray")],
+            [sys.executable, "-c", RAY_CLUSTER_SOURCE, str(dashboard_port), str(export_port), str(temp_dir / "ray")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=cluster_log, text=True,
-            env=_subprocess_env(AUTOSCALER_METRIC_PORT=str(_free_port()), DASHBOARD_METRIC_PORT=str(_free_port())),
+            env=_subprocess_env(AUTOSCALER_METRIC_PORT=str(autoscaler_metrics_port), DASHBOARD_METRIC_PORT=str(dashboard_metrics_port)),
         )
         processes.append(cluster)
         ready_to_read, _, _ = select.select([cluster.stdout], [], [], 120)  # slow on a loaded 2-core machine
@@ -296,7 +290,6 @@ def scraped_run(metrics_workload):
 
         config_path = temp_dir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(_prometheus_config(info["session_dir"])))
-        port = _free_port()
         prometheus_log = open(temp_dir / "prometheus.log", "w")
         logs.append(prometheus_log)
         processes.append(subprocess.Popen(
