@@ -242,12 +242,33 @@ class RayCluster:
         self._start(["--address", f"127.0.0.1:{self.gcs}", "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {}),
                      "--min-worker-port", str(low), "--max-worker-port", str(high)])
 
+    def processes(self) -> list:
+        """This cluster's processes: those whose command line names its temp folder, and those
+        that renamed themselves (`ray::DashboardAgent`, the client server) but keep a file open
+        in it (their logs). Left running, the agents retry the dead head for minutes, on CPU."""
+        import psutil
+
+        found = []
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if process.pid != os.getpid() and self.temp_dir in " ".join(process.info["cmdline"] or ()) or any(
+                        f.path.startswith(self.temp_dir) for f in process.open_files()):
+                    found.append(process)
+            except psutil.Error:
+                continue
+        return found
+
     def stop(self) -> None:
-        for sig in ("TERM", "KILL"):
-            subprocess.run(["pkill", f"-{sig}", "-f", self.temp_dir], check=False)
-            deadline = time.time() + 5
-            while time.time() < deadline and subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True).returncode == 0:
-                time.sleep(0.2)
+        import psutil
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            processes = self.processes()
+            for process in processes:
+                try:
+                    process.send_signal(sig)
+                except psutil.Error:
+                    continue
+            psutil.wait_procs(processes, timeout=5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

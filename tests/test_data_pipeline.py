@@ -47,6 +47,14 @@ def test_ray_pipeline_rows_equal_the_plain_loop(ray_local, kvqa_dir, processor, 
     assert (summary.num_records, summary.num_rejected) == (1440, 0)
     assert (tmp_path / "ray.jsonl").read_text() == ""
 
+    # Limited to a few samples, the pass reads the first task only (no reject allowed: no spare).
+    exact = config.model_copy(update={"max_reject_fraction": 0.0})
+    short = build_student_dataset(val_sources(exact), processor, exact, rejects_uri=str(tmp_path / "short.jsonl"), shuffle=False, limit=100)
+    assert len(short.read_plan.tasks) == 1 and short.read_plan.num_records == 100
+    first = collect(short.dataset.iter_batches(batch_size=256, batch_format="numpy"))
+    for column, values in plain.items():
+        np.testing.assert_array_equal(first[column], values[:100], err_msg=column)
+
 
 def test_ray_workers_read_s3_json_and_zip_into_the_same_rows(ray_local, s3_bucket, kvqa_dir, processor, tmp_path):
     import zipfile
@@ -111,6 +119,13 @@ def test_ray_rejects_reach_one_file_and_the_threshold_fails_the_job(ray_local, k
     # A second pass over the same dataset rejects the same records: counted once, not twice.
     student.dataset.take_all()
     assert student.close_rejects().num_rejected == len(BAD_REASONS)
+
+    # A pass limited to n samples reads only a prefix of the plan, and still gives the same first n
+    # good samples as the whole pass: the prefix has room for every reject the threshold allows.
+    for limit in (1, 12, 30):
+        short = build_student_dataset([source], processor, config, rejects_uri=str(tmp_path / f"short{limit}.jsonl"), limit=limit)
+        assert [r["sample_id"] for r in short.dataset.take_all()] == [r["sample_id"] for r in rows[:limit]]
+        assert short.read_plan.num_records == min(limit + int(0.5 * len(raw)), len(raw))
 
     strict = config.model_copy(update={"max_reject_fraction": 0.05})
     failing = build_student_dataset([source], processor, strict, rejects_uri=str(tmp_path / "strict.jsonl"))

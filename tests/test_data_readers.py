@@ -231,6 +231,34 @@ def test_mixing_draws_sources_in_proportion_to_weights(kvqa_dir):
         assert abs(reseeded.records_per_source["kvqa-captions"] / reseeded.num_records - share) < 0.02
 
 
+@pytest.mark.parametrize("layout", ["json", "json_shuffled", "parquet_shuffled", "two_sources_shuffled"])
+def test_a_plan_prefix_reads_the_same_first_rows_from_only_its_tasks(kvqa_dir, parquet_dir, layout):
+    from ckd_ray.data.sources import read_task_rows
+
+    config = config_for(kvqa_dir)
+    if layout.startswith("parquet"):
+        sources = [SourceConfig(uri=str(parquet_dir), format="parquet", split="val")]
+    else:
+        sources = config.instruction_sources() + (config.caption_sources() if layout.startswith("two") else [])
+    plan = plan_reads([catalog_source(s) for s in sources], hops=None, mix=False, seed=3, records_per_task=300,
+                      shuffle=layout.endswith("shuffled"), shuffle_block_records=4)
+
+    def rows(read_plan) -> list[tuple]:
+        tables = [read_task_rows(task) for task in read_plan.tasks]
+        return [(t["source"][i].as_py(), t["ordinal"][i].as_py(), t["record"][i].as_py()) for t in tables for i in range(t.num_rows)]
+
+    everything = rows(plan)
+    for count in (1, 17, 300, 301, 1000):
+        prefix = plan.prefix(count)
+        assert rows(prefix) == everything[:count]  # same records, same order, the bytes each read found
+        ends = np.cumsum([len(task["ordinals"]) for task in plan.tasks])
+        assert len(prefix.tasks) == int(np.searchsorted(ends, count)) + 1 and prefix.num_records == count  # only its tasks
+        assert sum(prefix.records_per_source.values()) == count
+        np.testing.assert_array_equal(np.concatenate([t["ordinals"] for t in prefix.tasks]),
+                                      np.concatenate([t["ordinals"] for t in plan.tasks])[:count])
+    assert plan.prefix(plan.num_records + 5).num_records == plan.num_records
+
+
 def test_plain_shuffle_is_deterministic_by_seed(kvqa_dir, processor, tmp_path):
     def order(seed: int) -> list[str]:
         config = config_for(kvqa_dir, shuffle_seed=seed)

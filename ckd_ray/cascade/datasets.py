@@ -88,13 +88,13 @@ class StepData:
     def _hops(self, planned):
         return planned.stage.hop_levels if planned.data_kind == "instruct" else None
 
-    def _build(self, name: str, sources, hops, shuffle: bool = True, metrics=None):
+    def _build(self, name: str, sources, hops, shuffle: bool = True, metrics=None, limit: int | None = None):
         from ckd_ray.data.pipeline import build_student_dataset
 
         rejects_uri = storage.join(self.run_uri, "rejects", f"{name}.jsonl")
         student = build_student_dataset(sources, self.processor, self.job.data, rejects_uri=rejects_uri, hops=hops,
                                         shuffle=shuffle, metrics=metrics, catalogs=self._catalogs,
-                                        rejects_book=self.rejects_book)
+                                        rejects_book=self.rejects_book, limit=limit)
         self._passes[name] = student
         return student
 
@@ -106,11 +106,11 @@ class StepData:
         from ckd_ray.observability.metrics import DataMetrics
 
         metrics = DataMetrics(self.job.name, planned.stage.label, planned.step.kind)  # the labels of the step's student metrics
-        student = self._build(planned.step_id, self._sources(planned), self._hops(planned), metrics=metrics)
         needed = self.samples_needed(planned)
+        student = self._build(planned.step_id, self._sources(planned), self._hops(planned), metrics=metrics, limit=needed)
         if needed is None:
             return student.dataset, student.num_records
-        return student.dataset.limit(needed), min(needed, student.num_records)
+        return student.dataset, min(needed, student.num_records)
 
     def samples_needed(self, planned) -> int | None:
         from ckd_ray.cascade.steps import samples_needed
@@ -129,9 +129,10 @@ class StepData:
         if key not in self._validation:
             from ckd_ray.data.pipeline import stack_columns
 
-            student = self._build(f"{planned.step_id}-val", self._sources(planned, "val"), self._hops(planned))
+            student = self._build(f"{planned.step_id}-val", self._sources(planned, "val"), self._hops(planned),
+                                  limit=VALIDATION_SAMPLES)
             task = ray.remote(num_cpus=0)(stack_columns)
-            self._validation[key] = task.remote(student.dataset.limit(VALIDATION_SAMPLES))
+            self._validation[key] = task.remote(student.dataset)
         return self._validation[key]
 
     def evaluation_rows(self) -> list[dict]:
@@ -145,10 +146,9 @@ class StepData:
         limit = self.job.evaluation.max_samples
         sources = self.job.data.eval_sources(self.job.evaluation.split)
         student = build_student_dataset(sources, self.processor, self.job.data, catalogs=self._catalogs,
-                                        rejects_book=self.rejects_book,
+                                        rejects_book=self.rejects_book, limit=limit,
                                         rejects_uri=storage.join(self.run_uri, "rejects", "evaluation.jsonl"))
-        dataset = student.dataset if limit is None else student.dataset.limit(limit)
-        self._evaluation_rows = dataset.take_all()
+        self._evaluation_rows = student.dataset.take_all()
         return self._evaluation_rows
 
     def fingerprint(self, planned) -> str:

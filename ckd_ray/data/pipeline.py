@@ -76,9 +76,12 @@ class StudentDataset:
 
     dataset: "ray.data.Dataset"
     plan: ReadPlan
+    """The whole pass's plan (its `num_records` is the reject fraction's denominator)."""
     rejects_book: "ray.actor.ActorHandle"
     """A RejectsBook actor (shared by the passes of a job)."""
     rejects_uri: str
+    read_plan: ReadPlan | None = None
+    """What the dataset reads: `plan`, or its prefix when the pass is limited."""
 
     @property
     def num_records(self) -> int:
@@ -103,6 +106,7 @@ def build_student_dataset(
     metrics: "DataMetrics | None" = None,
     catalogs: dict | None = None,
     rejects_book: "ray.actor.ActorHandle | None" = None,
+    limit: int | None = None,
 ) -> StudentDataset:
     """Builds the lazy read -> preprocess pipeline over `sources`.
 
@@ -113,16 +117,18 @@ def build_student_dataset(
     `rejects_uri`: the JSONL file (local or s3://) that rejected records go to, next to the run's
     outputs; `rejects_book`: the RejectsBook actor that collects them (default: a new one).
     `metrics`: where preprocessing tasks count kept and rejected records (by reason) for the
-    dashboards. Append a teacher stage with `student.dataset.map_batches(...)`."""
+    dashboards. `limit`: the dataset is the pass's first `limit` samples (see `read_prefix`).
+    Append a teacher stage with `student.dataset.map_batches(...)`."""
     import ray
 
     plan = plan_pass(sources, config, hops=hops, mix=mix, shuffle=shuffle, catalogs=catalogs)
+    read = plan if limit is None else plan.prefix(read_prefix(limit, plan.num_records, config.max_reject_fraction))
     if rejects_book is None:
         rejects_book = new_rejects_book()
     ray.get(rejects_book.open.remote(rejects_uri, plan.num_records, config.max_reject_fraction))
     # One block per planned task: Ray Data would otherwise split each task's output into many
     # tiny blocks (its minimum block count), which costs seconds before the first batch.
-    dataset = ray.data.read_datasource(_planned_datasource(plan), override_num_blocks=len(plan.tasks))
+    dataset = ray.data.read_datasource(_planned_datasource(read), override_num_blocks=len(read.tasks))
     dataset = dataset.map_batches(
         _preprocess_batch,
         batch_size=config.preprocess_batch_size,
@@ -132,7 +138,18 @@ def build_student_dataset(
     )
     # Keep block order through the map stages, so the shuffled order is the order consumers see.
     dataset.context.execution_options.preserve_order = True
-    return StudentDataset(dataset, plan, rejects_book, rejects_uri)
+    if limit is not None:
+        dataset = dataset.limit(limit)
+    return StudentDataset(dataset, plan, rejects_book, rejects_uri, read)
+
+
+def read_prefix(limit: int, num_records: int, max_reject_fraction: float) -> int:
+    """How many planned records a pass of `limit` samples reads: `limit` plus as many as may be
+    rejected before the pass fails (`max_reject_fraction` of the whole pass). Unless the pass
+    fails, that prefix holds at least `limit` good samples, the same first `limit` that reading
+    every record would give; and the few samples a short step needs no longer cost a read and
+    preprocessing of every task of a large split (nor a worker process for each)."""
+    return min(num_records, limit + int(max_reject_fraction * num_records))
 
 
 def new_rejects_book():

@@ -173,6 +173,23 @@ class ReadPlan:
     def num_records(self) -> int:
         return sum(self.records_per_source.values())
 
+    def prefix(self, count: int) -> "ReadPlan":
+        """The plan of the first `count` records in planned order: the same rows in the same order
+        as this plan's first `count`, from only the tasks they are in (the last one cut). A pass
+        that needs a few samples of a large split reads those, not every task's records."""
+        tasks, left = [], count
+        for task in self.tasks:
+            if left <= 0:
+                break
+            size = len(task["ordinals"])
+            tasks.append(task if size <= left else _task_prefix(task, left))
+            left -= size
+        per_source: dict[str, int] = dict.fromkeys(self.records_per_source, 0)
+        for task in tasks:
+            for part in task.get("parts", [task]):
+                per_source[part["source"]] += len(part["ordinals"])
+        return ReadPlan(tasks, per_source)
+
 
 def plan_reads(
     catalogs: Sequence[SourceCatalog],
@@ -274,6 +291,29 @@ def _merge_units(units: list[dict], rng: np.random.Generator) -> dict:
     ordinals = np.concatenate([part["ordinals"] for part in parts])
     order = rng.permutation(len(ordinals))
     return {"parts": parts, "order": order, "ordinals": ordinals[order], "uris": sorted({p["uri"] for p in parts})}
+
+
+_PER_RECORD = ("ordinals", "byte_ranges", "rows")
+
+
+def _task_prefix(task: dict, count: int) -> dict:
+    """The task that yields the first `count` rows of `task`, in the same order."""
+    if "parts" not in task:
+        return {**task, **{name: task[name][:count] for name in _PER_RECORD if name in task}}
+    # Row i of a shuffled task is row order[i] of its parts read one after another: keep the rows
+    # the first `count` positions name (in file order within each part, so reads still coalesce).
+    wanted = task["order"][:count]
+    parts, renumber, start = [], np.full(len(task["order"]), -1), 0
+    for part in task["parts"]:
+        size = len(part["ordinals"])
+        local = np.sort(wanted[(wanted >= start) & (wanted < start + size)]) - start
+        if len(local):
+            renumber[local + start] = np.arange(len(local)) + sum(len(p["ordinals"]) for p in parts)
+            parts.append({**part, **{name: part[name][local] for name in _PER_RECORD if name in part}})
+        start += size
+    order = renumber[wanted]
+    ordinals = np.concatenate([part["ordinals"] for part in parts])[order]
+    return {"parts": parts, "order": order, "ordinals": ordinals, "uris": sorted({p["uri"] for p in parts})}
 
 
 class UnreadableImage(Exception):
