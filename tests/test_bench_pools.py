@@ -56,7 +56,7 @@ def test_coresident_teacher_makes_the_pools_signal(ray_local, kvqa_dir, tmp_path
     data = DataConfig(benchmark_root=str(kvqa_dir))
     sources = [s.model_copy(update={"split": "val"}) for s in data.instruction_sources()]
     rows = build_student_dataset(sources, Processor.load(kvqa_dir / "processor", 16), data,
-                                 rejects_uri=str(tmp_path / "rejects.jsonl")).dataset.limit(8)
+                                 rejects_uri=str(tmp_path / "rejects.jsonl"), limit=8).dataset
     source = TeacherSource(str(teacher_dir), shared_vocab_size=512)
     pooled = add_teacher_stage(rows, source, spec, TeacherPoolConfig(batch_size=8)).take_batch(8, batch_format="numpy")
 

@@ -38,8 +38,7 @@ def _dataset(kvqa_dir, tmp_path, limit: int, split: str = "val"):
     data = DataConfig(benchmark_root=str(kvqa_dir))
     sources = [s.model_copy(update={"split": split}) for s in data.instruction_sources()]
     processor = Processor.load(kvqa_dir / "processor", 16)
-    student = build_student_dataset(sources, processor, data, rejects_uri=str(tmp_path / "rejects.jsonl"))
-    return student.dataset.limit(limit)
+    return build_student_dataset(sources, processor, data, rejects_uri=str(tmp_path / "rejects.jsonl"), limit=limit).dataset
 
 
 def _reference(model, row: dict) -> dict:

@@ -115,8 +115,7 @@ def benchmark_rows(s3_server, ray_local, kvqa_dir, tmp_path_factory):
     rejects = tmp_path_factory.mktemp("rejects")
 
     def rows(sources, name, limit, with_signal=True):
-        dataset = build_student_dataset(sources, processor, job.data, rejects_uri=str(rejects / f"{name}.jsonl")).dataset
-        dataset = dataset.limit(limit)
+        dataset = build_student_dataset(sources, processor, job.data, rejects_uri=str(rejects / f"{name}.jsonl"), limit=limit).dataset
         if with_signal:
             dataset = dataset.map_batches(
                 TinyTeacher, fn_constructor_kwargs={"spec": job.signal}, batch_size=16, concurrency=1, batch_format="numpy"
