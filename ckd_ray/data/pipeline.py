@@ -115,7 +115,8 @@ def build_student_dataset(
     execution of the dataset. `mix`: subsample sources to their `weight` shares. `catalogs`: a
     dict that keeps source catalogs across calls (one catalog pass per source per job).
     `rejects_uri`: the JSONL file (local or s3://) that rejected records go to, next to the run's
-    outputs; `rejects_book`: the RejectsBook actor that collects them (default: a new one).
+    outputs; `rejects_book`: the RejectsBook actor that collects them (default: this process's
+    shared one, `shared_rejects_book`).
     `metrics`: where preprocessing tasks count kept and rejected records (by reason) for the
     dashboards. `limit`: the dataset is the pass's first `limit` samples (see `read_prefix`).
     Append a teacher stage with `student.dataset.map_batches(...)`."""
@@ -124,7 +125,7 @@ def build_student_dataset(
     plan = plan_pass(sources, config, hops=hops, mix=mix, shuffle=shuffle, catalogs=catalogs)
     read = plan if limit is None else plan.prefix(read_prefix(limit, plan.num_records, config.max_reject_fraction))
     if rejects_book is None:
-        rejects_book = new_rejects_book()
+        rejects_book = shared_rejects_book()
     ray.get(rejects_book.open.remote(rejects_uri, plan.num_records, config.max_reject_fraction))
     # One block per planned task: Ray Data would otherwise split each task's output into many
     # tiny blocks (its minimum block count), which costs seconds before the first batch.
@@ -157,6 +158,22 @@ def new_rejects_book():
     import ray
 
     return ray.remote(RejectsBook).options(num_cpus=0).remote()
+
+
+_SHARED_BOOK: dict[tuple[str, str], "ray.actor.ActorHandle"] = {}
+
+
+def shared_rejects_book():
+    """This process's RejectsBook in the Ray cluster it is connected to: one actor for every pass
+    it builds (each pass keeps its own log in it, by rejects file), not an actor process each."""
+    import ray
+
+    context = ray.get_runtime_context()
+    key = (context.get_node_id(), context.get_job_id())
+    if key not in _SHARED_BOOK:
+        _SHARED_BOOK.clear()  # a book of an earlier cluster or job is gone with it
+        _SHARED_BOOK[key] = new_rejects_book()
+    return _SHARED_BOOK[key]
 
 
 def _planned_datasource(plan: ReadPlan):
