@@ -178,3 +178,72 @@ def test_missing_and_corrupt_images_are_rejected(processor, png):
     assert [r.reason for r in rejects] == ["missing-image"]
     _, rejects, _ = run([good], processor, png[:40])
     assert [r.reason for r in rejects] == ["corrupt-image"] and rejects[0].sample_id == "r0"
+
+
+SHIPPED_CHECK = r"""
+import pickle, sys
+import numpy as np
+processor, rows, limits, expected = pickle.load(open(sys.argv[1], "rb"))
+from ckd_ray.data.preprocess import preprocess_rows
+samples, rejects, truncated = preprocess_rows(rows, processor, limits)
+assert not rejects and not truncated
+for name, values in expected.items():
+    assert np.array_equal(samples[name], values), name
+heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+print("imported:", heavy)
+"""
+
+
+def test_a_shipped_processor_preprocesses_the_same_without_transformers_or_torch(processor, png, tmp_path):
+    """What a Ray Data task receives: the pickled processor gives the same columns, and its
+    process imports neither transformers nor torch to unpickle and use it."""
+    import pickle
+    import subprocess
+    import sys
+
+    records = [record("What digit is shown?", id="a"), record("Is it even?", answer="no", id="b")]
+    rows = rows_of(records, png)
+    expected, _, _ = preprocess_rows(rows, processor, InputLimits())
+    blob = tmp_path / "shipped.pkl"
+    blob.write_bytes(pickle.dumps((processor, rows, InputLimits(), expected)))
+    done = subprocess.run([sys.executable, "-c", SHIPPED_CHECK, str(blob)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imported: []" in done.stdout
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # the benchmark's: 32 x 32, bicubic, rescale, normalize
+    {"size": {"height": 24, "width": 40}, "resample": 2},
+    {"size": {"height": 48, "width": 48}, "do_normalize": False},
+    {"do_rescale": False, "image_mean": [0.48, 0.45, 0.41], "image_std": [0.27, 0.26, 0.28]},
+    {"do_resize": False},
+])
+def test_pixel_transform_makes_what_the_image_processor_makes(processor, settings, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from ckd_ray.data.processor import PixelTransform
+
+    processor.image_processor.save_pretrained(tmp_path)
+    reference = AutoImageProcessor.from_pretrained(tmp_path, **settings)
+    transform = PixelTransform.of(reference)
+    assert transform is not None
+    rng = np.random.default_rng(0)
+    shapes = [(32, 32)] * 3 if settings.get("do_resize") is False else [(32, 32), (17, 45), (64, 50)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for h, w in shapes]
+    expected = reference(images=images, return_tensors="np")["pixel_values"]
+    got = transform(images=images, return_tensors="np")["pixel_values"]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_pixel_transform_declines_what_it_does_not_reproduce(processor, tmp_path):
+    from transformers import AutoImageProcessor
+
+    from ckd_ray.data.processor import PixelTransform
+
+    processor.image_processor.save_pretrained(tmp_path)
+    cropping = AutoImageProcessor.from_pretrained(tmp_path, size={"shortest_edge": 40}, do_center_crop=True,
+                                                  crop_size={"height": 32, "width": 32})
+    assert PixelTransform.of(cropping) is None
+    assert PixelTransform.of(object()) is None

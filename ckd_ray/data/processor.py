@@ -78,7 +78,10 @@ class Processor:
     in the LLM sequence (`(image_size // patch_size) ** 2` for a SigLIP tower: 16 for the tiny
     presets). The one `<image>` placeholder of a prompt expands to that many image-token ids.
 
-    Picklable, so Ray Data tasks receive it as a function argument."""
+    Picklable, so Ray Data tasks receive it as a function argument. Pickled, it carries what
+    preprocessing uses: the Rust tokenizer and, where the image processor is one `PixelTransform`
+    reproduces, that (see `__getstate__`), so a task's process does not import transformers and
+    torch (3 CPU-s per worker process) to unpickle it."""
 
     def __init__(self, tokenizer, image_processor, num_image_tokens: int):
         if num_image_tokens < 1:
@@ -93,12 +96,28 @@ class Processor:
         self.image_token_id: int = ids[IMAGE_TOKEN]
         self.eos_token_id: int = ids[TURN_END_TOKEN]
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer, when there is one
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        pixels = PixelTransform.of(self.image_processor)
+        if self.backend is not None and pixels is not None:
+            # The transformers objects stay behind (`tokenizer` is None in the copy).
+            state.update(tokenizer=None, image_processor=pixels, backend=self.backend.to_str())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("backend"), str):
+            from tokenizers import Tokenizer
+
+            state = {**state, "backend": Tokenizer.from_str(state["backend"])}
+        self.__dict__.update(state)
 
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         """Token ids and character offsets of each text, adding no special tokens (the rendered chat
         holds its own). Calls the Rust tokenizer directly: the transformers wrapper's per-text
         conversion costs more than the tokenization itself on short samples."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        backend = self.backend
         if backend is None:
             encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
             return encoded["input_ids"], encoded["offset_mapping"]
@@ -125,6 +144,66 @@ class Processor:
 
         local = storage.download_dir(str(uri))
         return cls(AutoTokenizer.from_pretrained(local), AutoImageProcessor.from_pretrained(local), num_image_tokens)
+
+
+@dataclass(frozen=True)
+class PixelTransform:
+    """The pixel values a transformers image processor of the PIL backend makes of RGB PIL images
+    when it resizes to a fixed (height, width) without crop or padding (SigLIP's), in PIL and
+    numpy alone, step for step as transformers does them (a test holds them equal): resize in
+    PIL, rescale in float64 then float32, normalize in float32, channels first."""
+
+    size: dict
+    resample: int
+    do_resize: bool
+    rescale_factor: float | None
+    image_mean: tuple[float, ...] | None
+    image_std: tuple[float, ...] | None
+
+    @classmethod
+    def of(cls, image_processor) -> "PixelTransform | None":
+        """The transform that makes what `image_processor` makes, or None where it does something else."""
+        try:
+            from transformers.image_processing_backends import PilBackend
+        except ImportError:
+            return None
+        kind = type(image_processor)
+        steps = ("_preprocess", "resize", "rescale", "normalize", "process_image", "convert_to_rgb", "preprocess", "__call__")
+        if not isinstance(image_processor, PilBackend) or any(getattr(kind, n) is not getattr(PilBackend, n) for n in steps):
+            return None
+        settings = image_processor.to_dict()
+        size = dict(settings.get("size") or {})
+        if set(size) != {"height", "width"} or settings.get("do_center_crop") or settings.get("do_pad"):
+            return None
+
+        def per_channel(value):
+            return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+
+        return cls(
+            size={"height": int(size["height"]), "width": int(size["width"])},
+            resample=int(settings.get("resample") if settings.get("resample") is not None else 2),  # PIL's BILINEAR
+            do_resize=bool(settings.get("do_resize")),
+            rescale_factor=float(settings["rescale_factor"]) if settings.get("do_rescale") else None,
+            image_mean=per_channel(settings["image_mean"]) if settings.get("do_normalize") else None,
+            image_std=per_channel(settings["image_std"]) if settings.get("do_normalize") else None,
+        )
+
+    def __call__(self, images: Sequence, return_tensors: str = "np") -> dict:
+        import numpy as np
+
+        out = []
+        for image in images:
+            if self.do_resize:
+                image = image.resize((self.size["width"], self.size["height"]), resample=self.resample)
+            pixels = np.moveaxis(np.array(image), -1, 0)
+            if self.rescale_factor is not None:
+                pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+            if self.image_mean is not None:
+                pixels = pixels.astype(np.float32) if not np.issubdtype(pixels.dtype, np.floating) else pixels
+                mean, std = np.array(self.image_mean, dtype=pixels.dtype), np.array(self.image_std, dtype=pixels.dtype)
+                pixels = ((pixels.T - mean) / std).T
+            out.append(pixels)
+        return {"pixel_values": np.stack(out)}
 
 
 def build_processor_dir(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 512, image_size: int = 32):
