@@ -1,12 +1,22 @@
-"""Teacher actor pools and the compressed teacher signal they add to each batch."""
+"""Teacher actor pools and the compressed teacher signal they add to each batch.
 
-from ckd_ray.teachers.cache import SignalCache, cache_key, teacher_checkpoint_hash
-from ckd_ray.teachers.config import SignalSpec, TeacherPoolConfig
-from ckd_ray.teachers.pool import TeacherActor, TeacherSource, add_teacher_stage, start_teacher_actor
-from ckd_ray.teachers.signal import SIGNAL_VERSION, bytes_per_sample, decode_signal, spec_fingerprint
+The names below load on first use: a process that only reads the signal cache or holds the pool's
+stage (a Ray Data coordinator, a read task) imports `ckd_ray.teachers.cache` or `.pool` without
+`.signal`, and so without torch (about 1 CPU-s per process)."""
 
-__all__ = [
-    "SIGNAL_VERSION", "SignalCache", "SignalSpec", "TeacherActor", "TeacherPoolConfig", "TeacherSource",
-    "add_teacher_stage", "bytes_per_sample", "cache_key", "decode_signal", "spec_fingerprint",
-    "start_teacher_actor", "teacher_checkpoint_hash",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "SignalCache": "cache", "cache_key": "cache", "teacher_checkpoint_hash": "cache",
+    "SignalSpec": "config", "TeacherPoolConfig": "config",
+    "TeacherActor": "pool", "TeacherSource": "pool", "add_teacher_stage": "pool", "start_teacher_actor": "pool",
+    "SIGNAL_VERSION": "signal", "bytes_per_sample": "signal", "decode_signal": "signal", "spec_fingerprint": "signal",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
