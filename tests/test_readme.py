@@ -3,7 +3,7 @@
 Every command of a ```bash block and every ```python block of README.md has an entry in
 `CHECKS`; a command without one fails `test_every_readme_command_has_a_check`. An entry either
 runs the command, exactly as written plus `--set` overrides that only shrink budgets, from the
-root of a fresh copy of the repository (`test_readme_commands_run_as_written`: about 13 minutes on
+root of a fresh copy of the repository (`test_readme_commands_run_as_written`: 13-15 minutes on
 2 cores, so it is outside the default run, which must stay under 12; `bash scripts/test.sh -m
 readme` runs it), or names the
 test that runs it in another form and why (a Ray cluster of its own, public checkpoints, a GPU
