@@ -40,11 +40,11 @@ class StepData:
 
     @property
     def rejects_book(self):
-        """One actor collects the rejects of every pass of the job."""
+        """One actor collects the rejects of every pass of the job (the driver's shared one)."""
         if self._rejects_book is None:
-            from ckd_ray.data.pipeline import new_rejects_book
+            from ckd_ray.data.pipeline import shared_rejects_book
 
-            self._rejects_book = new_rejects_book()
+            self._rejects_book = shared_rejects_book()
         return self._rejects_book
 
     @property

@@ -153,26 +153,20 @@ def read_prefix(limit: int, num_records: int, max_reject_fraction: float) -> int
     return min(num_records, limit + int(max_reject_fraction * num_records))
 
 
-def new_rejects_book():
-    """A RejectsBook actor; it takes no CPU slot (it only counts)."""
-    import ray
-
-    return ray.remote(RejectsBook).options(num_cpus=0).remote()
-
-
 _SHARED_BOOK: dict[tuple[str, str], "ray.actor.ActorHandle"] = {}
 
 
 def shared_rejects_book():
     """This process's RejectsBook in the Ray cluster it is connected to: one actor for every pass
-    it builds (each pass keeps its own log in it, by rejects file), not an actor process each."""
+    it builds (each pass keeps its own log in it, by rejects file), not an actor process each. It
+    takes no CPU slot (it only counts)."""
     import ray
 
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())
     if key not in _SHARED_BOOK:
         _SHARED_BOOK.clear()  # a book of an earlier cluster or job is gone with it
-        _SHARED_BOOK[key] = new_rejects_book()
+        _SHARED_BOOK[key] = ray.remote(RejectsBook).options(num_cpus=0).remote()
     return _SHARED_BOOK[key]
 
 

@@ -303,17 +303,17 @@ def _task_prefix(task: dict, count: int) -> dict:
     # Row i of a shuffled task is row order[i] of its parts read one after another: keep the rows
     # the first `count` positions name (in file order within each part, so reads still coalesce).
     wanted = task["order"][:count]
-    parts, renumber, start = [], np.full(len(task["order"]), -1), 0
+    parts, renumber, start, kept = [], np.full(len(task["order"]), -1), 0, 0
     for part in task["parts"]:
         size = len(part["ordinals"])
         local = np.sort(wanted[(wanted >= start) & (wanted < start + size)]) - start
         if len(local):
-            renumber[local + start] = np.arange(len(local)) + sum(len(p["ordinals"]) for p in parts)
+            renumber[local + start] = kept + np.arange(len(local))
             parts.append({**part, **{name: part[name][local] for name in _PER_RECORD if name in part}})
+            kept += len(local)
         start += size
-    order = renumber[wanted]
-    ordinals = np.concatenate([part["ordinals"] for part in parts])[order]
-    return {"parts": parts, "order": order, "ordinals": ordinals, "uris": sorted({p["uri"] for p in parts})}
+    return {"parts": parts, "order": renumber[wanted], "ordinals": task["ordinals"][:count],
+            "uris": sorted({p["uri"] for p in parts})}
 
 
 class UnreadableImage(Exception):
