@@ -148,6 +148,20 @@ def s3_bucket(s3_server, request):
     client.delete_bucket(Bucket=name)
 
 
+# This Ray runs without a dashboard, so its State API has no server of its own, and Ray's client
+# then asks http://127.0.0.1:8265, where the dashboard of another test's Ray (a `ckd-ray` command,
+# a `ray start` head) may be listening. That one answers "no such actor" about this Ray's Train
+# controller, and Ray Train's placement-group cleaner, which polls the State API to see whether
+# its controller still lives, takes that for a death and removes the running worker group's
+# placement group: a worker group failure no test caused (it spent a test's `max_failures=1`
+# before its injected kill). Its workers are pointed at a loopback port that is bound and never
+# listened on, so every query is refused and the cleaner keeps waiting, as it does when the
+# State API is down.
+_NOWHERE = socket.socket()
+_NOWHERE.bind(("127.0.0.1", 0))
+_STATE_API_NOWHERE = f"http://127.0.0.1:{_NOWHERE.getsockname()[1]}"
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray for the whole session. More logical CPUs than the machine's 2 cores, so a
@@ -159,7 +173,8 @@ def ray_local(s3_server):
         # Raised before Ray starts (its processes take the environment then): Ray Train's 60 s
         # worker-group start wait, on a core the other group is busy with (see below).
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": _STATE_API_NOWHERE}})
         _lower_priority_of_this_ray()
     yield ray
     ray.shutdown()

@@ -214,6 +214,66 @@ def test_worker_killed_mid_step_restarts_from_its_checkpoint(kvqa_dir, benchmark
     assert_same_student(result, reference)
 
 
+def test_the_train_cleaner_of_the_tests_ray_never_hears_from_another_ray(ray_local):
+    """Ray Train's placement-group cleaner (a detached actor the controller starts) removes the
+    worker group's placement group once the State API says its controller is gone. In the tests'
+    dashboard-less Ray, the State API must refuse, not take the answer of another Ray's dashboard
+    on 8265 (conftest). Here 8265 answers as a dashboard that knows no such actor would (unless
+    another test's Ray holds the port already): asked about a live actor from an actor that actor
+    starts, as the cleaner is, the State API still raises ServerUnavailable."""
+    import http.server
+    import threading
+
+    from ray.util.state.exception import ServerUnavailable
+
+    class NoSuchActor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"result": True, "msg": "", "data": {"result": {"result": []}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    try:
+        other_dashboard = http.server.ThreadingHTTPServer(("127.0.0.1", 8265), NoSuchActor)
+    except OSError:
+        other_dashboard = None  # another Ray's dashboard has it
+    else:
+        threading.Thread(target=other_dashboard.serve_forever, daemon=True).start()
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ask(self, actor_id):
+            from ray.util.state import get_actor
+            try:
+                return get_actor(actor_id, timeout=5)
+            except ServerUnavailable as refused:
+                return refused
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def ask(self):
+            probe = Probe.options(lifetime="detached").remote()
+            try:
+                return ray.get(probe.ask.remote(ray.get_runtime_context().get_actor_id()))
+            finally:
+                ray.kill(probe)
+
+    controller = Controller.options(runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}).remote()
+    try:
+        answer = ray.get(controller.ask.remote())
+    finally:
+        ray.kill(controller)
+        if other_dashboard is not None:
+            other_dashboard.shutdown()
+            other_dashboard.server_close()
+    assert isinstance(answer, ServerUnavailable), f"the State API answered {answer!r}"
+
+
 def test_resubmitted_step_resumes_from_s3(s3_for_workers, s3_bucket, kvqa_dir, benchmark_rows, init_model_dir, trained, tmp_path):
     """Checkpoints go to s3:// (moto). The first submission dies in step 9, after the step-6
     checkpoint, with no restarts allowed; the resubmitted step (a new TorchTrainer on the same
