@@ -185,6 +185,7 @@ import pickle, sys
 import numpy as np
 processor, rows, limits, expected = pickle.load(open(sys.argv[1], "rb"))
 from ckd_ray.data.preprocess import preprocess_rows
+processor = pickle.loads(pickle.dumps(processor))  # shipped on again, as a coordinator does
 samples, rejects, truncated = preprocess_rows(rows, processor, limits)
 assert not rejects and not truncated
 for name, values in expected.items():
@@ -196,7 +197,8 @@ print("imported:", heavy)
 
 def test_a_shipped_processor_preprocesses_the_same_without_transformers_or_torch(processor, png, tmp_path):
     """What a Ray Data task receives: the pickled processor gives the same columns, and its
-    process imports neither transformers nor torch to unpickle and use it."""
+    process imports neither transformers nor torch to unpickle it, pickle it on to the next
+    process (a Ray Data coordinator does), and use it."""
     import pickle
     import subprocess
     import sys

@@ -100,7 +100,11 @@ class Processor:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        pixels = PixelTransform.of(self.image_processor)
+        # A shipped copy is pickled again where it goes on (a Ray Data coordinator hands it to its
+        # tasks): it already holds a PixelTransform, and asking transformers about that would
+        # import transformers and torch there (about 5 CPU-s in each step's coordinator).
+        shipped = isinstance(self.image_processor, PixelTransform)
+        pixels = self.image_processor if shipped else PixelTransform.of(self.image_processor)
         if self.backend is not None and pixels is not None:
             # The transformers objects stay behind (`tokenizer` is None in the copy).
             state.update(tokenizer=None, image_processor=pixels, backend=self.backend.to_str())
