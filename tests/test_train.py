@@ -355,6 +355,7 @@ def test_exported_student_answers_with_transformers_alone(trained, kvqa_dir, tmp
 def test_worker_group_asks_for_the_configured_custom_resources(ray_local, tmp_path):
     """`trainer.resources` (e.g. the `student_gpu` slots of cluster/) reach every worker's
     resource request, next to its CPUs and GPU."""
+    from ckd_ray.train.entry import PACKED, run_packed
     from ckd_ray.train.run import build_trainer
 
     job = validate_config({"models": {"student": {"preset": "tiny-student"}}, "data": {"benchmark_root": str(tmp_path)},
@@ -363,3 +364,5 @@ def test_worker_group_asks_for_the_configured_custom_resources(ray_local, tmp_pa
                             datasets={"train-0": ray.data.range(4)}, max_failures=0, keep_checkpoints=1)
     assert trainer.scaling_config.num_workers == 3
     assert trainer.scaling_config.resources_per_worker == {"CPU": 1.0, "student_gpu": 1.0}
+    # What the controller unpickles is the light entry and the packed loop (tests/test_train_units.py).
+    assert trainer.train_loop_per_worker is run_packed and PACKED in trainer.train_loop_config

@@ -257,3 +257,51 @@ def test_feature_and_attention_terms_get_hidden_states_eager_attention_and_a_pro
     terms = train_step(engine, batch, signal, plan.loss)
     assert set(terms) == {"task", "feature", "attention", "total"}
     assert all(torch.isfinite(value) for value in terms.values())
+
+
+PACKED_CHECK = r"""
+import sys
+from ray import cloudpickle
+run, config = cloudpickle.loads(open(sys.argv[1], "rb").read())
+heavy = sorted(m for m in ("torch", "transformers", "deepspeed", "ckd_ray.train.loop") if m in sys.modules)
+print("imported:", heavy)
+"""
+
+
+def test_the_train_controller_unpickles_the_packed_loop_without_torch(tmp_path):
+    """What Ray Train's controller unpickles (`build_trainer`): the entry function and a packed
+    config, whose steps hold a `StepPlan` and a signal decoder (both from torch-importing modules).
+    A fresh interpreter unpickles them without importing torch, transformers, DeepSpeed or the
+    train loop; `run_packed` hands the worker loop the config as it was packed."""
+    import subprocess
+    import sys
+    from functools import partial
+
+    from ray import cloudpickle
+
+    from ckd_ray.teachers.config import SignalSpec
+    from ckd_ray.teachers.signal import decode_signal
+    from ckd_ray.train.entry import pack, run_packed
+    from ckd_ray.train.loop import train_worker
+
+    job = make_job(num_workers=2, micro_batch_size=4)
+    plan = plan_step(job, StageConfig(teacher="ta", steps=["DFT"]), StepConfig(kind="DFT"), init_model_uri="init",
+                     export_uri="out", num_train_samples=64)
+    steps = [(plan, partial(decode_signal, spec=SignalSpec(), attention_layers={}))]
+    config = pack(train_worker, {"steps": steps, "events": None, "validation": [None]})
+    blob = tmp_path / "controller.pkl"
+    blob.write_bytes(cloudpickle.dumps((run_packed, config)))
+    done = subprocess.run([sys.executable, "-c", PACKED_CHECK, str(blob)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imported: []" in done.stdout
+
+    received = tmp_path / "received.pkl"
+
+    def worker_loop(given):
+        received.write_bytes(cloudpickle.dumps(given))
+
+    run_packed(pack(worker_loop, {"steps": steps, "events": None, "validation": [None]}))
+    given = cloudpickle.loads(received.read_bytes())
+    assert given.keys() == {"steps", "events", "validation"}
+    assert given["steps"][0][0] == plan and given["validation"] == [None] and given["events"] is None
+    assert config.keys() == {"events", "validation", "_packed_loop"}  # the steps travel as bytes only

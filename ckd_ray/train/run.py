@@ -221,9 +221,11 @@ def build_trainer(
 
     storage_path, storage_filesystem = _run_storage(storage_uri)
     resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {}), **trainer_config.resources}
+    from ckd_ray.train.entry import pack, run_packed
+
     return TorchTrainer(
-        worker_loop,
-        train_loop_config=loop_config,
+        run_packed,
+        train_loop_config=pack(worker_loop, loop_config),
         scaling_config=ScalingConfig(
             num_workers=trainer_config.num_workers, use_gpu=trainer_config.use_gpu, resources_per_worker=resources
         ),
