@@ -100,11 +100,7 @@ class Processor:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        # A shipped copy is pickled again where it goes on (a Ray Data coordinator hands it to its
-        # tasks): it already holds a PixelTransform, and asking transformers about that would
-        # import transformers and torch there (about 5 CPU-s in each step's coordinator).
-        shipped = isinstance(self.image_processor, PixelTransform)
-        pixels = self.image_processor if shipped else PixelTransform.of(self.image_processor)
+        pixels = PixelTransform.of(self.image_processor)
         if self.backend is not None and pixels is not None:
             # The transformers objects stay behind (`tokenizer` is None in the copy).
             state.update(tokenizer=None, image_processor=pixels, backend=self.backend.to_str())
@@ -166,7 +162,12 @@ class PixelTransform:
 
     @classmethod
     def of(cls, image_processor) -> "PixelTransform | None":
-        """The transform that makes what `image_processor` makes, or None where it does something else."""
+        """The transform that makes what `image_processor` makes, or None where it does something else.
+        A transform is its own: a shipped copy is pickled on where it goes (a Ray Data coordinator
+        hands it to its tasks), and asking transformers there would import transformers and torch
+        (about 5 CPU-s in each step's coordinator)."""
+        if isinstance(image_processor, cls):
+            return image_processor
         try:
             from transformers.image_processing_backends import PilBackend
         except ImportError:

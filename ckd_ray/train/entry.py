@@ -19,14 +19,15 @@ def pack(worker_loop: Callable[[dict], None], config: dict) -> dict:
     """`config` with `worker_loop` and its `steps` (when there are) folded into bytes, for `run_packed`."""
     from ray import cloudpickle
 
-    rest = {key: value for key, value in config.items() if key != "steps"}
-    return {**rest, PACKED: cloudpickle.dumps((worker_loop, config.get("steps")))}
+    rest = dict(config)
+    steps = rest.pop("steps", None)
+    return {**rest, PACKED: cloudpickle.dumps((worker_loop, steps))}
 
 
 def run_packed(config: dict) -> None:
     """Ray Train entry point of a `pack`ed config: calls its worker loop with the config as it was."""
     from ray import cloudpickle
 
-    worker_loop, steps = cloudpickle.loads(config[PACKED])
-    rest = {key: value for key, value in config.items() if key != PACKED}
+    rest = dict(config)
+    worker_loop, steps = cloudpickle.loads(rest.pop(PACKED))
     worker_loop(rest if steps is None else {**rest, "steps": steps})

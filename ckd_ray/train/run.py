@@ -219,10 +219,10 @@ def build_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path, storage_filesystem = _run_storage(storage_uri)
-    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {}), **trainer_config.resources}
     from ckd_ray.train.entry import pack, run_packed
 
+    storage_path, storage_filesystem = _run_storage(storage_uri)
+    resources = {"CPU": trainer_config.cpus_per_worker, **({"GPU": 1} if trainer_config.use_gpu else {}), **trainer_config.resources}
     return TorchTrainer(
         run_packed,
         train_loop_config=pack(worker_loop, loop_config),
