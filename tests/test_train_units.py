@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,32 @@ def test_the_train_controller_unpickles_the_packed_loop_without_torch(tmp_path):
     assert given.keys() == {"steps", "events", "validation"}
     assert given["steps"][0][0] == plan and given["validation"] == [None] and given["events"] is None
     assert config.keys() == {"events", "validation", "_packed_loop"}  # the steps travel as bytes only
+
+
+def test_a_remote_checkpoint_is_read_from_a_folder_of_the_reader_s_own(tmp_path):
+    """`checkpoint_directory`: a local checkpoint is read in place; a remote one (any pyarrow
+    filesystem but the local one; a SubTreeFileSystem here) is downloaded into a folder each
+    reader owns, so a second reader's download never writes over the files a first one holds
+    open or mapped (Ray's shared `as_directory` folder does), and each folder goes when its
+    reader is done."""
+    from pyarrow.fs import LocalFileSystem, SubTreeFileSystem
+    from ray.train import Checkpoint
+
+    from ckd_ray.train.checkpoint import checkpoint_directory
+
+    saved = tmp_path / "run" / "step-0000003"
+    (saved / "model").mkdir(parents=True)
+    (saved / "model" / "model.safetensors").write_bytes(b"weights" * 100)
+    with checkpoint_directory(Checkpoint.from_directory(str(saved))) as directory:
+        assert Path(directory) == saved
+
+    remote = Checkpoint("run/step-0000003", filesystem=SubTreeFileSystem(str(tmp_path), LocalFileSystem()))
+    with checkpoint_directory(remote) as first:
+        held = open(Path(first) / "model" / "model.safetensors", "rb")
+        with checkpoint_directory(remote) as second:
+            assert second != first
+            assert (Path(second) / "model" / "model.safetensors").read_bytes() == b"weights" * 100
+        assert not Path(second).exists() and Path(first).exists()
+        assert held.read() == b"weights" * 100
+        held.close()
+    assert not Path(first).exists()

@@ -147,6 +147,26 @@ def verify_checksums(directory: str | Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint):
+    """A local folder with `checkpoint`'s files, this process's own: a local checkpoint's folder
+    itself; a remote one downloaded into a temporary folder, removed on exit.
+
+    Not Ray's `Checkpoint.as_directory`: its folder is shared by the processes of a node, and
+    whichever enters it while no other holds its lock downloads it again, in place, over the files
+    a worker that entered earlier has memory-mapped (the safetensors weights): that worker dies of
+    SIGBUS while loading (seen when two workers resume from S3)."""
+    import tempfile
+
+    from pyarrow.fs import LocalFileSystem
+
+    if isinstance(checkpoint.filesystem, LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="ckd-checkpoint-") as local:
+        yield checkpoint.to_directory(local)
+
+
 def resume_checkpoint(checkpoint, checkpoint_prefixes: list[str], log=print):
     """(checkpoint, its TrainState) to resume from: `checkpoint` (a `ray.train.Checkpoint`, the
     latest one of the run) when its files match their checksums. When they do not, the newest
@@ -157,13 +177,13 @@ def resume_checkpoint(checkpoint, checkpoint_prefixes: list[str], log=print):
     over. With no good checkpoint left, CorruptCheckpointError naming every damaged one.
     Ray Train's `CheckpointConfig(num_to_keep)` decides how many there are to fall back on."""
     try:
-        with checkpoint.as_directory() as directory:
+        with checkpoint_directory(checkpoint) as directory:
             return checkpoint, read_state(directory)
     except CorruptCheckpointError as err:
         damaged = [str(err)]
     for candidate in _earlier_checkpoints(checkpoint, checkpoint_prefixes):
         try:
-            with candidate.as_directory() as directory:
+            with checkpoint_directory(candidate) as directory:
                 state = read_state(directory)
         except CorruptCheckpointError as err:
             damaged.append(str(err))

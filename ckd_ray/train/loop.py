@@ -29,6 +29,7 @@ from ckd_ray.observability.metrics import GpuSampler, StudentMetrics
 from ckd_ray.train.batch import StudentBatch, student_batch
 from ckd_ray.train.checkpoint import (
     MODEL_DIR,
+    checkpoint_directory,
     STEP_SUMMARY_FILE,
     TrainState,
     load_projection,
@@ -318,7 +319,7 @@ def restore_or_build(plan: StepPlan, device: torch.device, checkpoint=None):
                        schedule=asdict(plan.optimizer))
     if checkpoint is None:
         return build_student(plan, device, None, fresh), fresh
-    with checkpoint.as_directory() as directory:
+    with checkpoint_directory(checkpoint) as directory:
         state = read_state(directory)
         changed = [
             f"{name} {getattr(state, name)} -> {getattr(fresh, name)}"
