@@ -149,7 +149,10 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
         except ValidationError as exc:
             problems += _problems_from(exc, prefix=(name,))
     if not problems:
-        config = JobConfig.model_validate(raw)
+        try:  # the model's own validators, e.g. `seed: true` refused as a number
+            config = JobConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_problems_from(exc), source) from None
         problems += check_consistency(config)
         if not problems:
             return resolve_paths(config, Path.cwd())

@@ -84,6 +84,9 @@ def test_temperature_zero_and_negative_weights_in_stage_and_step_overrides():
     ({"data": {"benchmark_root": "d"}, "models": {"student": {"preset": "tiny-student", "path": "/m"}}}, "models.student",
      "set exactly one of `preset`"),
     ({}, "data", "required section is missing"),
+    # a top-level scalar: refused by the job model's own validators (found by the fuzz test)
+    ({"data": {"benchmark_root": "d"}, "models": {"student": {"preset": "tiny-student"}}, "seed": True}, "seed",
+     "expected a number, got True"),
 ])
 def test_malformed_trees_are_config_errors(raw, field, text):
     found = problems_of(raw)
