@@ -84,6 +84,25 @@ def test_best_config_writes_each_stage_loss_and_loads(tmp_path):
     assert [p.step_id for p in build_plan(best)] == [p.step_id for p in build_plan(job)]
 
 
+def test_best_config_loads_the_teachers_the_search_prepared(tmp_path):
+    raw = _raw()
+    raw["cascade"]["prepare_teachers"] = True
+    raw["models"]["teacher"]["dtype"] = "float32"
+    job = validate_config(raw)
+    assert [p.step_id for p in build_plan(job) if p.stage_index < 0], "the job prepares its teachers"
+    prepared = {"ta": str(tmp_path / "prep" / "ta"), "teacher": str(tmp_path / "prep" / "teacher")}
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(best_config(job, {0: {"output": 0.4}}, prepared), sort_keys=False))
+    best = load_config(path)
+    assert {role: best.models[role].path for role in prepared} == prepared
+    assert best.models["teacher"].dtype == "float32" and best.models["student"].preset == "tiny-student"
+    # The cascade starts from the prepared teachers: nothing to prepare, the same stages.
+    def stages(plan):
+        return [(p.stage_index, p.learner, p.teacher, p.step.kind) for p in plan]
+
+    assert stages(build_plan(best)) == [s for s in stages(build_plan(job)) if s[0] >= 0]
+
+
 @pytest.mark.parametrize(
     ("tune", "field", "words"),
     [

@@ -29,7 +29,7 @@ from ray import tune
 from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
-from ckd_ray.cascade.plan import PlannedStep, build_plan
+from ckd_ray.cascade.plan import PlannedStep, build_plan, teacher_roles_to_prepare
 from ckd_ray.cascade.runner import (
     CascadeResult, _initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress, raise_storage_problems,
 )
@@ -105,6 +105,7 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     _initial_checkpoints(job, manifest, data.processor_uri, tune_uri, log)
     # Teacher preparation: once, as in the cascade.
     _run_full_steps(job, [p for p in build_plan(job) if p.stage_index < 0], manifest.roles, manifest, data, tune_uri, "", log)
+    prepared = {role: manifest.roles[role] for role in teacher_roles_to_prepare(job)}
 
     roles = dict(manifest.roles)  # the searched stages' students evolve here, not in the manifest
     best_values: dict[int, dict[str, float]] = {}
@@ -130,7 +131,7 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
             if outcomes and stage_index in outcomes[-1].search.stage_indices:
                 outcomes[-1].count(teacher_pass)
 
-    best_raw = best_config(job, best_values)
+    best_raw = best_config(job, best_values, prepared)
     best_config_uri = storage.join(tune_uri, BEST_CONFIG)
     header = f"# Cascade config with the best loss weights and temperature found by `ckd-ray tune` for {job.name!r}.\n"
     storage.write_bytes(best_config_uri, (header + yaml.safe_dump(best_raw, sort_keys=False)).encode())
@@ -149,14 +150,19 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     return outcome
 
 
-def best_config(job: JobConfig, best_values: dict[int, dict[str, float]]) -> dict:
+def best_config(job: JobConfig, best_values: dict[int, dict[str, float]], prepared: dict[str, str] | None = None) -> dict:
     """The job as a cascade config with each tuned stage's loss set to its best values, under the
     name `<name>-tuned` (its own run folder: a manifest of the untuned job would not match).
-    Validated here, so a file that would not load is never written."""
+    `prepared` (role -> checkpoint URI) names the teachers the search prepared: the config loads
+    them from there, so its cascade distills from the teachers the values were searched with and
+    does not train them again. Validated here, so a file that would not load is never written."""
     tuned = with_values(job, best_values).model_copy(update={"name": f"{job.name}-tuned"})
     raw = tuned.model_dump(mode="json", exclude_defaults=True, exclude={"tune"})
     raw["name"] = tuned.name
     raw["data"] = tuned.data.model_dump(mode="json", exclude_defaults=True)  # required even when all defaults
+    for role, uri in (prepared or {}).items():
+        spec = job.models[role].model_dump(mode="json", exclude_defaults=True, exclude={"preset", "path", "prepare"})
+        raw.setdefault("models", {})[role] = {**spec, "path": uri}
     validate_config(raw, source="the best config")
     return raw
 
