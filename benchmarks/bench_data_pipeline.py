@@ -86,7 +86,7 @@ def main() -> None:
         # Ray runs its workers at nice 15. On a machine shared with other jobs that alone would make
         # the pipeline look slow next to the plain loop (nice 0); give both the same priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         student = build_student_dataset(sources, processor, config, rejects_uri=os.path.join(scratch, "ray.jsonl"), shuffle=shuffle)
 

@@ -21,3 +21,21 @@ def describe_error(err: BaseException) -> str:
     lines = [line for line in str(err).strip().splitlines() if line.strip() and not line.startswith(("To change retry", "Traceback"))]
     text = next((line for line in reversed(lines) if ": " in line or "Error" in line), lines[-1] if lines else "")
     return f"{type(err).__name__}: {text[:500]}"
+
+
+class RayNotConnectedError(RuntimeError):
+    """A function that needs a Ray cluster was called in a process that has not connected to one."""
+
+
+def require_ray(what: str) -> None:
+    """Raises RayNotConnectedError unless this process is connected to Ray. The package never lets
+    Ray connect itself: its implicit `ray.init()` joins whatever cluster `/tmp/ray/ray_current_cluster`
+    names, and when that head has died it retries the dead address for minutes with no output."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RayNotConnectedError(
+            f"{what} needs a Ray cluster, and this process is not connected to one: call "
+            "ckd_ray.cascade.runner.connect_ray(job.ray) first (a new local Ray, or the cluster that "
+            "ray.address or RAY_ADDRESS names), or ray.init(address=...) with the cluster you mean"
+        )

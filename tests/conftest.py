@@ -18,13 +18,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No Ray call in a test may connect Ray by itself: Ray's implicit `ray.init()` joins whatever
+# cluster its address file names, and retries a dead one for minutes. Read when Ray is imported,
+# so set before any test imports it; a test that touches Ray without a Ray fixture fails at once.
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 
 
 RAY_FIXTURES = {"ray_local", "s3_for_workers"}
 # Tests that start Ray processes of their own (`ray start` clusters, `ckd-ray` subprocesses with a
 # local Ray, a driver program for Prometheus to scrape) rather than use the session's `ray_local`.
 OWN_RAY_FIXTURES = {"ray_cluster", "ray_head", "scraped_run", "metrics_workload"}
-OWN_RAY_TESTS = {"test_killed_cascade_resumes_at_the_step_it_was_in"}
+OWN_RAY_TESTS = {"test_killed_cascade_resumes_at_the_step_it_was_in", "test_readme_commands_run_as_written",
+                 "test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined"}
+
+
+def _starts_its_own_ray(item) -> bool:
+    return bool(OWN_RAY_FIXTURES & set(getattr(item, "fixturenames", ()))) or getattr(item, "originalname", "") in OWN_RAY_TESTS
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group into the node id
@@ -37,7 +46,7 @@ def pytest_collection_modifyitems(items):
     node timed out during startup")."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if OWN_RAY_FIXTURES & fixtures or getattr(item, "originalname", "") in OWN_RAY_TESTS:
+        if _starts_its_own_ray(item):
             item.add_marker(pytest.mark.xdist_group("own-ray"))
         elif item.get_closest_marker("ray") or RAY_FIXTURES & fixtures:
             item.add_marker(pytest.mark.xdist_group("ray"))
@@ -173,11 +182,20 @@ def ray_local(s3_server):
         # Raised before Ray starts (its processes take the environment then): Ray Train's 60 s
         # worker-group start wait, on a core the other group is busy with (see below).
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        # address="local": a new Ray, never the one (live or dead) that Ray's address file names.
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": _STATE_API_NOWHERE}})
         _lower_priority_of_this_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_of_a_ray_test(request):
+    """A test marked `ray` that starts no Ray of its own runs on the session's `ray_local`, whether
+    it names the fixture or not: it is connected before the test body runs, explicitly."""
+    if request.node.get_closest_marker("ray") and not _starts_its_own_ray(request.node):
+        request.getfixturevalue("ray_local")
 
 
 def _worker_port_range(width: int = 200) -> tuple[int, int]:

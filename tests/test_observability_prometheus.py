@@ -60,7 +60,7 @@ RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval becomes at a 1 s scrape
 RAY_CLUSTER_SOURCE = """
 import json, sys, ray
 ctx = ray.init(
-    num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
+    address="local", num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=int(sys.argv[1]),
     _metrics_export_port=int(sys.argv[2]), _temp_dir=sys.argv[3], log_to_driver=False,
     _system_config={"metrics_report_interval_ms": 1000},
 )

@@ -186,6 +186,7 @@ def _setup_is_current() -> bool:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.readme
+@pytest.mark.timeout(2400)  # every README command in turn: about 13 min on 2 cores
 def test_readme_commands_run_as_written(tmp_path):
     if not _setup_is_current():
         pytest.fail("the environment is older than pyproject.toml: run `bash scripts/setup.sh` first (as scripts/test.sh does)")

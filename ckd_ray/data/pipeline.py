@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from ckd_ray.data.config import DataConfig, SourceConfig
+from ckd_ray.errors import require_ray
 from ckd_ray.data.preprocess import InputLimits, preprocess_rows
 from ckd_ray.data.processor import Processor
 from ckd_ray.data.rejects import RejectsBook, RejectsLog, RejectSummary
@@ -122,6 +123,7 @@ def build_student_dataset(
     Append a teacher stage with `student.dataset.map_batches(...)`."""
     import ray
 
+    require_ray("build_student_dataset")
     plan = plan_pass(sources, config, hops=hops, mix=mix, shuffle=shuffle, catalogs=catalogs)
     read = plan if limit is None else plan.prefix(read_prefix(limit, plan.num_records, config.max_reject_fraction))
     if rejects_book is None:
@@ -162,6 +164,7 @@ def shared_rejects_book():
     takes no CPU slot (it only counts)."""
     import ray
 
+    require_ray("shared_rejects_book")
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())
     if key not in _SHARED_BOOK:

@@ -3,6 +3,7 @@ actor process (so its peak-memory figure is its own), a few side by side."""
 
 from __future__ import annotations
 
+from ckd_ray.errors import require_ray
 from ckd_ray.evaluate.config import EvaluationConfig
 
 
@@ -53,6 +54,7 @@ def evaluate_models(model_uris: list[str], rows: list[dict], settings: Evaluatio
     timed one by one, each while nothing else of the batch runs."""
     import ray
 
+    require_ray("evaluate_models")
     options = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0}
     plain = settings.model_dump()
     width = 1 if use_gpu else settings.concurrent

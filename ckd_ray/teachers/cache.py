@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from ckd_ray import storage
+from ckd_ray.errors import require_ray
 
 MARKER = "_COMPLETE.json"
 FAILED = "_FAILED.json"
@@ -233,6 +234,8 @@ def _entry_dataset(list_files, num_blocks: int, pending=None):
     gets one placeholder task; execution plans again, on its own copy, and waits in
     `list_files`."""
     import ray.data
+
+    require_ray("reading the teacher signal cache")
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 

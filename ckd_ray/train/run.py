@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ckd_ray import storage
+from ckd_ray.errors import require_ray
 from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
 from ckd_ray.train.config import TrainerConfig
 from ckd_ray.train.loop import SignalDecoder, StepPlan, train_worker
@@ -96,6 +97,7 @@ def run_steps(
     (`num_workers=0`) cannot serve here: Ray refuses `ray.train.*` calls inside a Tune trial."""
     if in_process and trainer_config.num_workers != 1:
         raise ValueError(f"an in-process run has one worker; trainer.num_workers is {trainer_config.num_workers}")
+    require_ray("run_steps")
     from ray.util.queue import Queue
 
     events = Queue(actor_options={"num_cpus": 0}) if on_event else None
