@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [[ ! -f data/kvqa/instructions.json ]]; then
+# baselines.json: written by the benchmark's version 2 (answers that need the image); an older build is replaced.
+if [[ ! -f data/kvqa/baselines.json ]]; then
   .venv/bin/ckd-ray data build-kvqa data/kvqa
 fi
 exec .venv/bin/ckd-ray cascade configs/tiny_cascade.yaml "$@"

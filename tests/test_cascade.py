@@ -70,6 +70,7 @@ def test_experiment_table_shows_mean_and_spread_and_leaves_preservation_undefine
                                   runs=[{"name": "kd", "plan": "single_teacher"}])
     row = _Row(scores=[{m: 0.25 for m in TABLE_METRICS}], steps=[120], samples=[3840])
     line = _table(experiment, {"kd": row}, {}, {"teacher": {m: 0.5 for m in TABLE_METRICS}}).splitlines()[-1]
+    assert "baseline:" not in _table(experiment, {"kd": row}, {}, {})  # no records with baseline answers: no rows
     assert line.startswith("| single_teacher | T->S | 120 | 3,840 | 0.250 |") and line.endswith("| 0.500 |")
     zero = {"teacher": {m: 0.0 for m in TABLE_METRICS}}
     assert _table(experiment, {"kd": row}, {}, zero).splitlines()[-1].endswith("| - |")
@@ -131,6 +132,10 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
     assert manifest["steps"]["01-s1-teacher_to_student-DFT"]["metrics"]["step"] == 8
     report = (run / "report.md").read_text()
     assert "loss_terms.png" in report and (run / "loss_terms.png").exists()
+    # The scores stand beside the no-model baselines on the same samples, headline first.
+    for row in ("| baseline: chance |", "| baseline: majority per type |", "| baseline: question-only |", "| checkpoint | grounded | margin |"):
+        assert row in report, report
+    assert abs(manifest["baselines"]["question_only"]["grounded"]) < 1e-12 and manifest["baselines"]["chance"]["yes_no_acc"] == 0.5
     (evaluation,) = [e for e in manifest["evaluations"].values() if e["model_uri"].endswith("DFT/model")]
     predictions = [json.loads(line) for line in Path(evaluation["predictions_uri"]).read_text().splitlines()]
     assert len(predictions) == evaluation["scores"]["num_samples"] == 16

@@ -5,6 +5,7 @@ processor folder that plain transformers loads with the fixed special-token ids.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 
@@ -30,8 +31,10 @@ def test_cli_builds_benchmark_fast_with_consistent_summary(tmp_path, kvqa_dir):
     assert result.exit_code == 0, result.output
     assert seconds < 60
     # One progress line per phase on stderr; the summary table on stdout.
-    assert sum(line.startswith("[kvqa]") for line in result.stderr.splitlines()) == 5
-    for row in ("captions", "instructions", "hop 0", "hop 1", "hop 2", "open", "yes_no", "multiple_choice", "tokenizer:"):
+    assert sum(line.startswith("[kvqa]") for line in result.stderr.splitlines()) == 6
+    assert "[kvqa] 4/6 text-only check: passed" in result.stderr
+    for row in ("captions", "instructions", "hop 0", "hop 1", "hop 2", "open", "yes_no", "multiple_choice", "tokenizer:",
+                "text-only check on", "question_only", "text_classifier", "template"):
         assert row in result.stdout
 
     summary = json.loads((out / "summary.json").read_text())
@@ -57,14 +60,21 @@ def test_cli_builds_benchmark_fast_with_consistent_summary(tmp_path, kvqa_dir):
     for name in ("captions.json", "knowledge_graph.jsonl", "images/00042.png"):
         assert (out / name).read_bytes() == (kvqa_dir / name).read_bytes(), name
     full = _records(kvqa_dir, "instructions")
-    assert [(r["id"], r["answer"], r["conversations"][0]["value"].split("Question: ")[-1]) for r in full] == [
-        (r["id"], r["answer"], r["conversations"][0]["value"].split("Question: ")[-1]) for r in instructions
-    ]
+    def question(record):  # the prompt without its facts line (a dropped hop can leave none)
+        return re.sub(r"^<image>\n(Facts: .*\nQuestion: )?", "", record["conversations"][0]["value"])
+
+    assert [(r["id"], r["answer"], question(r)) for r in full] == [(r["id"], r["answer"], question(r)) for r in instructions]
     needed = sum(r["hop"] for r in instructions)
     dropped = sum(r["num_dropped_facts"] for r in instructions if r["hop"] > 0)
     retrieved = sum(f["supporting"] for r in instructions for f in r["facts"])
     assert retrieved + dropped == needed
     assert 0.45 < dropped / needed < 0.55
+    # A dropped hop leaves every candidate's walk in the prompt, not the other candidates' alone.
+    for record in instructions:
+        prompt = record["conversations"][0]["value"]
+        shown = [f for f in record["facts"] if f["text"] in prompt]
+        relations = Counter(f["relation"] for f in shown)
+        assert len(set(relations.values())) <= 1, prompt
 
 
 def test_records_follow_llava_format_and_benchmark_rules(kvqa_dir):
@@ -87,10 +97,14 @@ def test_records_follow_llava_format_and_benchmark_rules(kvqa_dir):
         else:
             supporting = [f for f in record["facts"] if f["supporting"]]
             assert len(supporting) == record["hop"]  # coverage 1.0: every supporting fact retrieved
-            assert len(record["facts"]) == 4
-            facts_line = human["value"].split("\n")[1]
-            assert facts_line == "Facts: " + " ".join(f["text"] for f in record["facts"])
             assert {f["text"] for f in record["facts"]} <= fact_texts
+            if record["question_type"] == "open":  # the answer would be one of the few walks listed
+                assert "Facts:" not in human["value"] and len(record["facts"]) >= 2 * record["hop"]
+            else:
+                facts_line = human["value"].split("\n")[1]
+                assert facts_line.startswith("Facts: ") and len(facts_line.split(". ")) <= 4
+                walks = 2 if record["question_type"] == "yes_no" else 4
+                assert len(record["facts"]) == walks * record["hop"]
         if record["question_type"] == "multiple_choice":
             assert record["answer"] in "ABCD" and "\nA. " in human["value"]
         if record["question_type"] == "yes_no":
@@ -100,35 +114,59 @@ def test_records_follow_llava_format_and_benchmark_rules(kvqa_dir):
     assert splits == {"train": 1438, "val": 180, "test": 179}
 
 
-def test_processor_folder_loads_with_plain_transformers(kvqa_dir):
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoTokenizer
+def test_answers_are_balanced_per_family_and_the_text_alone_earns_nothing(kvqa_dir):
+    """Yes/no half and half and option letters uniform per family and split; on the test split a
+    constant and the question-only answerer (fit on train, shipped in baselines.json) score the
+    headline 0, and no text-only answerer beats the template."""
+    from ckd_ray.data.baselines import TextAnswerers, load_sample_baselines
+    from ckd_ray.evaluate.scoring import score_records
 
-    tokenizer = AutoTokenizer.from_pretrained(kvqa_dir / "processor")
-    image_processor = AutoImageProcessor.from_pretrained(kvqa_dir / "processor")
-    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 3)
-    assert len(tokenizer) <= 512
+    instructions = _records(kvqa_dir, "instructions")
+    family = lambda r: r["id"].split("-", 2)[2]  # noqa: E731
+    for split in ("train", "val", "test"):
+        rows = [r for r in instructions if r["split"] == split]
+        for name in {family(r) for r in rows}:
+            answers = Counter(r["answer"] for r in rows if family(r) == name)
+            if set(answers) == {"yes", "no"}:
+                assert answers["yes"] == answers["no"], (split, name, answers)
+            if set(answers) <= set("ABCD"):
+                assert max(answers.values()) - min(answers.values()) <= 1 and len(answers) == 4, (split, name, answers)
+    summary = json.loads((kvqa_dir / "summary.json").read_text())
+    assert summary["version"] == 2 and summary["check"]["passed"]
+    accuracy = summary["check"]["accuracy"]
+    assert accuracy["text_classifier"]["all"] <= accuracy["template"]["all"] + 0.03
+    assert abs(accuracy["template"]["yes_no"] - 0.5) <= 0.03 and abs(accuracy["template"]["multiple_choice"] - 0.25) <= 0.03
 
-    image = Image.open(kvqa_dir / "images" / "00000.png")
-    assert image.size == (32, 32) and image.mode == "RGB"
-    pixels = image_processor(image, return_tensors="np")["pixel_values"]
-    assert pixels.shape == (1, 3, 32, 32)
-    expected = (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
-    np.testing.assert_allclose(pixels[0], expected, atol=1e-6)
-
-    # The chat template renders exactly what training renders, for LLaVA strings and for the
-    # transformers content-list form a user of the exported model writes.
-    turns = [{"from": "human", "value": "<image>\nWhich digit is shown?"}, {"from": "gpt", "value": "7"}]
-    messages = [{"role": "user", "content": "<image>\nWhich digit is shown?"}, {"role": "assistant", "content": "7"}]
-    assert tokenizer.apply_chat_template(messages, tokenize=False) == render_chat(turns).text
-    assert render_chat(turns).text == "<|im_start|>user\n<image>\nWhich digit is shown?<|im_end|>\n<|im_start|>assistant\n7<|im_end|>"
-    content_list = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit is shown?"}]}]
-    prompt = tokenizer.apply_chat_template(content_list, tokenize=False, add_generation_prompt=True)
-    assert prompt == render_chat(turns).text[: -len("7<|im_end|>")]
+    test = [r for r in instructions if r["split"] == "test"]
+    baselines = load_sample_baselines(str(kvqa_dir))
+    assert set(baselines) == {r["id"] for r in instructions if r["split"] != "train"}
+    records = [{**r, **baselines[r["id"]]} for r in test]
+    answerers = TextAnswerers.fit([r for r in instructions if r["split"] == "train"])
+    assert all(answerers.question_only(r) == baselines[r["id"]]["baseline_question_only"] for r in test)
+    for answer in ("yes", lambda r: {"open": "1", "yes_no": "yes", "multiple_choice": "B"}[r["question_type"]],
+                   lambda r: r["baseline_question_only"], lambda r: r["baseline_majority"]):
+        predict = answer if callable(answer) else (lambda r, a=answer: a)
+        scores = score_records([{**r, "prediction": predict(r)} for r in records])
+        assert abs(scores["grounded"]) <= 0.02, scores
+    assert score_records([{**r, "prediction": r["answer"]} for r in records])["grounded"] == 1.0
 
 
-@pytest.mark.parametrize("bad", [{"coverage": 1.5}, {"num_retrieved": 1}])
-def test_bad_build_arguments_are_rejected(tmp_path, bad):
-    with pytest.raises(ValueError):
-        build_kvqa(tmp_path, progress=None, **bad)
+def test_a_leaking_benchmark_fails_its_build_check(kvqa_dir):
+    """The check fails where the text gives the answer away: the digit shown written into every
+    prompt (the template hides it, a text-only answerer reads it), or the yes/no answer itself
+    (then the template alone is far above chance)."""
+    from ckd_ray.data.kvqa import BenchmarkLeakError, check_text_only
+
+    def leak(what):
+        leaked = []
+        for record in _records(kvqa_dir, "instructions"):
+            human, gpt = record["conversations"]
+            leaked.append({**record, "conversations": [{**human, "value": human["value"] + what(record)}, gpt]})
+        return check_text_only(leaked)
+
+    digit = leak(lambda r: f" (a {r['digit']})")
+    assert not digit.passed and any(f.startswith("question_only") for f in digit.failures), digit.failures
+    assert any(f.startswith("text_classifier") for f in digit.failures), digit.failures
+    answer = leak(lambda r: f" (It is {r['answer']}.)" if r["question_type"] == "yes_no" else "")
+    assert any("template alone answers 1.000 of yes_no" in f for f in answer.failures), answer.failures
+    assert "text gives its answers away" in str(BenchmarkLeakError(answer))

@@ -37,14 +37,14 @@ def val_sources(config: DataConfig, kind: str = "instructions") -> list[SourceCo
 def test_ray_pipeline_rows_equal_the_plain_loop(ray_local, kvqa_dir, processor, tmp_path):
     config = DataConfig(benchmark_root=str(kvqa_dir), records_per_read_task=256, preprocess_batch_size=128)
     student = build_student_dataset(val_sources(config), processor, config, rejects_uri=str(tmp_path / "ray.jsonl"), shuffle=False)
-    assert student.num_records == 1440 and len(student.plan.tasks) == 6  # read in parallel tasks
+    assert student.num_records == 1376 and len(student.plan.tasks) == 6  # read in parallel tasks
     from_ray = collect(student.dataset.iter_batches(batch_size=256, batch_format="numpy"))
     plain = collect(iter_plain_batches(val_sources(config), processor, config, rejects_uri=str(tmp_path / "plain.jsonl"), shuffle=False))
     assert from_ray.keys() == plain.keys()
     for column, values in plain.items():
         np.testing.assert_array_equal(from_ray[column], values, err_msg=column)
     summary = student.close_rejects()
-    assert (summary.num_records, summary.num_rejected) == (1440, 0)
+    assert (summary.num_records, summary.num_rejected) == (1376, 0)
     assert (tmp_path / "ray.jsonl").read_text() == ""
 
     # Limited to a few samples, the pass reads the first task only (no reject allowed: no spare).

@@ -31,7 +31,7 @@ def processor(kvqa_dir):
 def parquet_dir(kvqa_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("parquet")
     export = write_llava_parquet(str(kvqa_dir / "instructions.json"), str(kvqa_dir / "images"), str(out), rows_per_group=512)
-    assert export.num_rejected == 0 and export.num_rows == 14376
+    assert export.num_rejected == 0 and export.num_rows == 13911
     return out
 
 
@@ -93,7 +93,7 @@ def test_same_model_inputs_from_folder_parquet_and_s3(kvqa_dir, parquet_dir, pro
         assert storage.read_bytes(rejects_uri) == b""  # written, and empty: nothing rejected
 
     reference = inputs.pop("folder")
-    assert len(reference["sample_id"]) == 1440 and set(reference["hop"].tolist()) == {0, 1, 2}
+    assert len(reference["sample_id"]) == 1376 and set(reference["hop"].tolist()) == {0, 1, 2}
     for name, columns in inputs.items():
         assert columns.keys() == reference.keys()
         for column, values in reference.items():
@@ -104,7 +104,7 @@ def test_parquet_rows_round_trip_records(kvqa_dir, parquet_dir):
     import pyarrow.parquet as pq
 
     table = pq.read_table(parquet_dir)
-    assert table.num_rows == 14376 and table.schema.field("image").type == "binary"
+    assert table.num_rows == 13911 and table.schema.field("image").type == "binary"
     records = json.loads((kvqa_dir / "instructions.json").read_text())
     rows = table.slice(0, 50).to_pylist()
     for record, row in zip(records, rows):

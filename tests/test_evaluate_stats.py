@@ -1,14 +1,15 @@
-"""The experiment's statistics against the plain scorer: the bootstrap's weighted `average` is
-`score_records` of the resampled records, computed another way."""
+"""The experiment's statistics against the plain scorer: the bootstrap's weighted headline is
+`score_records` of the resampled records, computed another way (with and without the
+question-only answers that make it `grounded`)."""
 
 import numpy as np
 import pytest
 
-from ckd_ray.evaluate.scoring import score_records
+from ckd_ray.evaluate.scoring import headline, headline_name, score_records
 from ckd_ray.evaluate.stats import AnswerColumns, mean_spread, paired_bootstrap
 
 
-def _records(seed: int, n: int = 90, skill: float = 0.5) -> list[dict]:
+def _records(seed: int, n: int = 90, skill: float = 0.5, text_only: bool = False) -> list[dict]:
     rng = np.random.default_rng(seed)
     records = []
     for i in range(n):
@@ -21,25 +22,31 @@ def _records(seed: int, n: int = 90, skill: float = 0.5) -> list[dict]:
             prediction = answer if right else ("no" if answer == "yes" else "yes")
         else:
             answer, prediction = "B", "B" if right else "C"
-        records.append({"sample_id": f"s{i:03d}", "question_type": kind, "hop": i % 3, "answer": answer, "prediction": prediction})
+        record = {"sample_id": f"s{i:03d}", "question_type": kind, "hop": i % 3, "answer": answer, "prediction": prediction}
+        if text_only:  # a question-only answerer right about a third of the time
+            record["baseline_question_only"] = answer if rng.random() < 0.35 else "none"
+        records.append(record)
     return records
 
 
-def test_all_ones_weights_give_score_records_average():
-    records = _records(0)
+@pytest.mark.parametrize("text_only", [False, True])
+def test_all_ones_weights_give_score_records_headline(text_only):
+    records = _records(0, text_only=text_only)
     columns = AnswerColumns.of(records)
-    assert columns.average(np.ones((1, len(records))))[0] == pytest.approx(score_records(records)["average"], abs=1e-12)
+    assert headline_name(score_records(records)) == ("grounded" if text_only else "average")
+    assert columns.headline(np.ones((1, len(records))))[0] == pytest.approx(headline(score_records(records)), abs=1e-12)
 
 
-def test_a_draws_weighted_average_is_the_score_of_the_resampled_records():
-    records = sorted(_records(1), key=lambda r: r["sample_id"])
+@pytest.mark.parametrize("text_only", [False, True])
+def test_a_draws_weighted_headline_is_the_score_of_the_resampled_records(text_only):
+    records = sorted(_records(1, text_only=text_only), key=lambda r: r["sample_id"])
     columns = AnswerColumns.of(records)
     rng = np.random.default_rng(7)
     for _ in range(5):
         draw = rng.integers(0, len(records), size=len(records))
         weights = np.bincount(draw, minlength=len(records)).astype(np.float64)[None, :]
-        expected = score_records([records[k] for k in draw])["average"]
-        assert columns.average(weights)[0] == pytest.approx(expected, abs=1e-12)
+        expected = headline(score_records([records[k] for k in draw]))
+        assert columns.headline(weights)[0] == pytest.approx(expected, abs=1e-12)
 
 
 def test_paired_bootstrap_of_a_row_against_itself_is_zero_and_never_better():
@@ -52,7 +59,7 @@ def test_paired_bootstrap_separates_a_clearly_better_row_and_reports_each_seed()
     better = [_records(s, n=300, skill=0.8) for s in range(3)]
     worse = [_records(s + 10, n=300, skill=0.4) for s in range(3)]
     diff = paired_bootstrap(better, worse, resamples=500)
-    expected = [score_records(a)["average"] - score_records(b)["average"] for a, b in zip(better, worse)]
+    expected = [headline(score_records(a)) - headline(score_records(b)) for a, b in zip(better, worse)]
     assert diff.per_seed == pytest.approx(expected, abs=1e-12)
     assert diff.observed == pytest.approx(np.mean(expected), abs=1e-12)
     assert 0 < diff.low < diff.observed < diff.high and diff.p_not_better < 0.01

@@ -71,7 +71,8 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
     # Commands
     "ckd-ray data build-kvqa data/kvqa": Run(files=("data/kvqa/instructions.json",)),
     "ckd-ray cascade configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK), expect=("done in an earlier run, skipped",)),
-    "ckd-ray eval configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK), expect=("scores: ",)),
+    "ckd-ray eval configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK),
+                                                  expect=("scores: ", "| baseline: question-only |", "grounded")),
     "ckd-ray tune configs/tiny_tune.yaml [--run-best]": Run(
         tuple(f"--set {s}" for s in TUNE_SHRINK), as_run="ckd-ray tune configs/tiny_tune.yaml --run-best",
         expect=("best config",), files=("runs/tiny-tune/tune/best_config.yaml",)),

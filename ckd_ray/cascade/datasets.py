@@ -137,7 +137,8 @@ class StepData:
 
     def evaluation_rows(self) -> list[dict]:
         """A deterministic shuffled prefix of the held-out split, as rows for generation (read
-        once per job)."""
+        once per job), each with the benchmark's baseline answers where it has them."""
+        from ckd_ray.data.baselines import load_sample_baselines
         from ckd_ray.data.pipeline import build_student_dataset
 
         if self._evaluation_rows is not None:
@@ -148,7 +149,12 @@ class StepData:
         student = build_student_dataset(sources, self.processor, self.job.data, catalogs=self._catalogs,
                                         rejects_book=self.rejects_book, limit=limit,
                                         rejects_uri=storage.join(self.run_uri, "rejects", "evaluation.jsonl"))
-        self._evaluation_rows = student.dataset.take_all()
+        rows = student.dataset.take_all()
+        # The bundled benchmark's no-model answers for these samples, so scores stand beside them.
+        baselines = load_sample_baselines(self.job.data.benchmark_root)
+        if baselines and all(str(row["sample_id"]) in baselines for row in rows):
+            rows = [{**row, **baselines[str(row["sample_id"])]} for row in rows]
+        self._evaluation_rows = rows
         return self._evaluation_rows
 
     def fingerprint(self, planned) -> str:

@@ -22,9 +22,10 @@ from ckd_ray import storage
 from ckd_ray.cascade.config import PLAN_NAMES
 from ckd_ray.config.base import Section
 from ckd_ray.config.loader import ConfigError, Problem, deep_merge, read_yaml, validate_config
+from ckd_ray.evaluate.scoring import baseline_scores, headline
 from ckd_ray.evaluate.stats import Difference, mean_spread, paired_bootstrap
 
-TABLE_METRICS = ("open_em", "yes_no_f1", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc", "average")
+TABLE_METRICS = ("grounded", "margin", "open_em", "yes_no_acc", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc")
 
 
 class ExperimentRun(Section):
@@ -248,26 +249,33 @@ def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict
            comparisons: dict[str, Difference] | None = None) -> str:
     seeds = experiment.seeds
     teacher = prepared.get("teacher", {})
+    first = next((r.records[0] for r in rows.values() if r.records), [])
+    baselines = baseline_scores(first)  # the rows answered the same test samples
     header = "| method | stages | student steps | samples seen | " + " | ".join(TABLE_METRICS) + " | preservation |"
     rule = "|---|---|---:|---:|" + "---:|" * (len(TABLE_METRICS) + 1)
     spread = " +- sample standard deviation over seeds" if len(seeds) > 1 else ""
     lines = [f"# {experiment.name}", "", f"Seeds: {seeds}; scores on the benchmark's test split, mean{spread}; "
              "student steps and samples seen: the student's optimizer steps and training samples over the whole plan; "
-             "preservation: the student's average over the prepared teacher's.", "", header, rule]
+             "preservation: the student's headline over the prepared teacher's. `grounded` (the headline): accuracy above the "
+             "question-only answerer per question type, as a share of what it left, averaged over types (0: no better than "
+             "reading the question); `margin`: accuracy minus question-only accuracy.", "", header, rule]
+    for name, scores in baselines.items():
+        cells = " | ".join(f"{scores.get(m, 0):.3f}" for m in TABLE_METRICS)
+        lines.append(f"| baseline: {name.replace('_', '-')} | - | - | - | {cells} | - |")
     for role, label in (("teacher", "Teacher (prepared)"), ("ta", "TA (prepared)")):
         if role in prepared:
             cells = " | ".join(f"{prepared[role].get(m, 0):.3f}" for m in TABLE_METRICS)
-            lines.append(f"| {label} | - | - | - | {cells} | {_preservation(prepared[role].get('average', 0), teacher)} |")
+            lines.append(f"| {label} | - | - | - | {cells} | {_preservation(headline(prepared[role]), teacher)} |")
     for run in experiment.runs:
         row = rows[run.name]
         cells = " | ".join(_cell([s.get(m, 0.0) for s in row.scores]) for m in TABLE_METRICS)
-        average = mean(s.get("average", 0.0) for s in row.scores) if row.scores else 0.0
+        average = mean(headline(s) for s in row.scores) if row.scores else 0.0
         steps = f"{mean(row.steps):.0f}" if row.steps else "-"
         samples = f"{mean(row.samples):,.0f}" if row.samples else "-"
         lines.append(f"| {run.method or run.plan} | {STAGES[run.plan]} | {steps} | {samples} | {cells} | {_preservation(average, teacher)} |")
     if comparisons:
         lines += ["", "## The papers' claims (paired bootstrap over test samples)", "",
-                  "Difference in `average` (A - B), mean over seeds; interval: 95% paired bootstrap (the same "
+                  "Difference in the headline `grounded` (A - B), mean over seeds; interval: 95% paired bootstrap (the same "
                   "resampled test samples for both rows and every seed); P(A <= B): share of draws in which A does not win.", "",
                   "| claim | A - B | 95% interval | P(A <= B) | per seed | holds here |", "|---|---:|---|---:|---|---|"]
         for claim, d in comparisons.items():
@@ -275,10 +283,10 @@ def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict
             per_seed = ", ".join(f"{x:+.3f}" for x in d.per_seed)
             lines.append(f"| {claim} | {d.observed:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.p_not_better:.3f} | {per_seed} | {holds} |")
     if stage_rows:
-        lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | average | preservation |", "|---|---|---|---|"]
+        lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | grounded | preservation |", "|---|---|---|---|"]
         for name, scores in stage_rows.items():
-            average = mean(s["average"] for s in scores)
-            lines.append(f"| {name} | {_cell([s['accuracy'] for s in scores])} | {_cell([s['average'] for s in scores])} | {_preservation(average, teacher)} |")
+            average = mean(headline(s) for s in scores)
+            lines.append(f"| {name} | {_cell([s['accuracy'] for s in scores])} | {_cell([headline(s) for s in scores])} | {_preservation(average, teacher)} |")
     if len(seeds) > 1:
         for k, seed in enumerate(seeds):
             lines += ["", f"## Seed {seed}", "", "| method | " + " | ".join(TABLE_METRICS) + " |", "|---|" + "---:|" * len(TABLE_METRICS)]
@@ -296,9 +304,9 @@ def _cell(values: list[float]) -> str:
     return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} +- {s:.3f}"
 
 
-def _preservation(average: float, teacher: dict) -> str:
-    """Seed 000's knowledge preservation (student / teacher average); "-" where the teacher scores 0."""
-    return f"{average / teacher['average']:.3f}" if teacher.get("average") else "-"
+def _preservation(score: float, teacher: dict) -> str:
+    """Seed 000's knowledge preservation (student / teacher headline); "-" where the teacher scores 0."""
+    return f"{score / headline(teacher):.3f}" if teacher and headline(teacher) else "-"
 
 
 def experiment_problems(path: str | Path) -> list[Problem]:

@@ -59,7 +59,8 @@ def _read_checked(uri: str) -> dict:
 @dataclass
 class Manifest:
     """`steps[step_id]` holds status, stage, step, learner, teacher, model URI, metrics, times;
-    `roles[role]` is the latest checkpoint URI of each role."""
+    `roles[role]` is the latest checkpoint URI of each role; `evaluations[name]` the scores of an
+    evaluated checkpoint, and `baselines[name]` those of the no-model answerers on the same samples."""
 
     uri: str
     job: str
@@ -67,6 +68,7 @@ class Manifest:
     steps: dict[str, dict] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     evaluations: dict[str, dict] = field(default_factory=dict)
+    baselines: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def open(cls, run_uri: str, job: JobConfig) -> "Manifest":
@@ -81,7 +83,7 @@ class Manifest:
                 "resuming would mix two experiments. Use a new `name` (or --set name=...), or delete the run folder"
             )
         return cls(uri=uri, job=data["job"], config_hash=digest, steps=data["steps"], roles=data["roles"],
-                   evaluations=data.get("evaluations", {}))
+                   evaluations=data.get("evaluations", {}), baselines=data.get("baselines", {}))
 
     def done(self, step_id: str) -> bool:
         return self.steps.get(step_id, {}).get("status") == "done"
@@ -92,7 +94,7 @@ class Manifest:
 
     def save(self) -> None:
         body = {"job": self.job, "config_hash": self.config_hash, "roles": self.roles, "steps": self.steps,
-                "evaluations": self.evaluations}
+                "evaluations": self.evaluations, "baselines": self.baselines}
         # The checksum covers the fields as written; it leads so a reader sees it first.
         checksum = _checksum(_body_text(body))
         storage.write_bytes(self.uri, _body_text({"sha256": checksum, **body}).encode())

@@ -22,6 +22,7 @@ from ckd_ray.cascade.plan import PlannedStep, build_plan
 from ckd_ray.cascade.steps import TeacherPasses, prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig, RayConfig
 from ckd_ray.evaluate import evaluate_models, knowledge_preservation
+from ckd_ray.evaluate.scoring import baseline_scores, describe_scores
 from ckd_ray.train.run import RUN_FOLDER
 
 
@@ -292,6 +293,8 @@ def _evaluate_stages(job: JobConfig, manifest: Manifest, ended: list[PlannedStep
         results = evaluate_models([uri for uri, _ in todo], rows, job.evaluation, use_gpu=job.trainer.use_gpu)
         for (uri, name), result in zip(todo, results):
             _record_scores(job, manifest, name, uri, result)
+        if not manifest.baselines:
+            manifest.baselines = baseline_scores(results[0]["records"])
     for planned in ended:
         step = manifest.steps[planned.step_id]
         name = f"{planned.stage.label} ({planned.learner})"
@@ -301,8 +304,7 @@ def _evaluate_stages(job: JobConfig, manifest: Manifest, ended: list[PlannedStep
             teacher = _scores_of(manifest, f"teacher {planned.teacher} of {planned.stage.label}", teacher_uri)
             entry["knowledge_preservation"] = knowledge_preservation(entry["scores"], teacher["scores"])
             entry["teacher"] = teacher["model_uri"]
-        scores = entry["scores"]
-        log(f"[cascade] eval {name}: average {scores['average']:.3f}, accuracy {scores['accuracy']:.3f} on {int(scores['num_samples'])} samples")
+        log(f"[cascade] eval {name}: {describe_scores(entry['scores'])}")
     manifest.save()
 
 

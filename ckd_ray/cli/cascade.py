@@ -30,13 +30,16 @@ def cascade(config_paths, overrides, verbose) -> None:
 @click.option("--model", "models", multiple=True, metavar="URI_OR_ROLE",
               help="Model directory (local or s3://) or a role of the run's manifest; default: every role of the manifest.")
 def evaluate(config_paths, overrides, models) -> None:
-    """Score models on the benchmark's held-out split: exact match, yes/no F1, multiple-choice
-    accuracy, per hop level; parameters, latency and peak memory."""
+    """Score models on the benchmark's held-out split beside the no-model baselines: the headline
+    `grounded` (accuracy above question-only), accuracy per question type and hop level, yes/no
+    macro-F1; parameters, latency and peak memory."""
     from ckd_ray import storage
     from ckd_ray.cascade.datasets import StepData
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.runner import connect_ray
     from ckd_ray.evaluate import evaluate_models
+    from ckd_ray.evaluate.scoring import baseline_scores
+    from ckd_ray.report.markdown import HEADLINE_NOTE, scores_table
 
     job = load_or_exit(config_paths, overrides, check_storage=True)
     connect_ray(job.ray)
@@ -47,12 +50,11 @@ def evaluate(config_paths, overrides, models) -> None:
     rows = StepData(job, job.run_uri).evaluation_rows()
     scored = evaluate_models(list(targets.values()), rows, job.evaluation, use_gpu=job.trainer.use_gpu)
     results = {name: result["scores"] for name, result in zip(targets, scored)}
-    for name, scores in results.items():
-        click.echo(f"{name:>12}: average {scores['average']:.3f}  open {scores.get('open_em', 0):.3f}  "
-                   f"yes/no F1 {scores.get('yes_no_f1', 0):.3f}  MC {scores.get('mc_acc', 0):.3f}  "
-                   f"params {int(scores['parameters']):,}  latency {scores['latency_s'] * 1000:.1f} ms")
+    baselines = baseline_scores(scored[0]["records"])
+    for line in (*HEADLINE_NOTE, "", *scores_table({name: (scores, None) for name, scores in results.items()}, baselines)):
+        click.echo(line)
     out = storage.join(job.run_uri, "eval.json")
-    storage.write_bytes(out, json.dumps(results, indent=2).encode())
+    storage.write_bytes(out, json.dumps({**results, **{f"baseline: {k}": v for k, v in baselines.items()}}, indent=2).encode())
     click.echo(f"scores: {out}")
 
 

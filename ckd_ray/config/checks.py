@@ -247,6 +247,10 @@ def check_storage(config: JobConfig) -> list[Problem]:
         names = ("captions.json", "instructions.json", "images") + (() if data.processor else ("processor",))
         for name in names if not root_missing else ():
             problems += probe.missing("data.benchmark_root", storage.join(benchmark, name), "rebuild it with `ckd-ray data build-kvqa <folder>`")
+        if not root_missing and not (data.captions or data.instructions):
+            problems += probe.missing("data.benchmark_root", storage.join(benchmark, "baselines.json"),
+                                      "it was built before the benchmark's version 2 (answers that need the image, and "
+                                      "the no-model baselines every score stands beside): rebuild it with `ckd-ray data build-kvqa <folder>`")
     for kind in ("captions", "instructions"):
         for i, source in enumerate(getattr(data, kind)):
             problems += probe.missing(f"data.{kind}[{i}].uri", source.uri, "fix the path or URI")

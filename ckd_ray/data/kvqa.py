@@ -32,9 +32,11 @@ from typing import Callable
 import numpy as np
 
 from ckd_ray import storage
+from ckd_ray.data.baselines import BASELINES_FILE, TextAnswerers, text_classifier_predictions
 from ckd_ray.data.knowledge_graph import CONFUSABLE, NUMBER_WORDS, RELATIONS, Fact, NumberKnowledgeGraph
 from ckd_ray.data.processor import IMAGE_TOKEN, build_processor_dir, render_chat
 
+BENCHMARK_VERSION = 2  # 2: answers need the image (balanced per family, no answer in the text alone)
 IMAGE_SIZE = 32
 INK_COLORS = {"black": (20, 20, 20), "red": (200, 30, 30), "green": (30, 140, 40), "blue": (30, 60, 200)}
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -95,6 +97,7 @@ FAMILIES = (
 )
 HOP0_FAMILIES = ("digit", "digit_choice", "digit_probe", "color")
 QUESTIONS_PER_HOP = {0: 2, 1: 3, 2: 3}
+MAX_PROMPT_FACTS = 4  # facts written into one prompt (the tiny configs' 128 tokens hold four)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class KvqaSummary:
     counts: dict[str, dict[str, int]]
     vocab_size: int
     max_text_tokens: int
+    check: dict
     seconds: float = field(compare=False)
 
     def to_json(self) -> dict:
@@ -117,6 +121,8 @@ class KvqaSummary:
             "counts": self.counts,
             "vocab_size": self.vocab_size,
             "max_text_tokens": self.max_text_tokens,
+            "version": BENCHMARK_VERSION,
+            "check": self.check,
             "seconds": round(self.seconds, 2),
         }
 
@@ -133,6 +139,7 @@ class KvqaSummary:
             f"tokenizer: {self.vocab_size} tokens; longest record {self.max_text_tokens} tokens "
             f"with `{IMAGE_TOKEN}` as one token"
         )
+        lines += TextOnlyCheck.format_json(self.check)
         return "\n".join(lines)
 
 
@@ -177,25 +184,33 @@ def build_kvqa(
 
     for i, pixels in enumerate(digits.images):
         (out / "images" / _image_name(i)).write_bytes(_render_png(pixels, INK_COLORS[colors[i]]))
-    say(f"[kvqa] 1/5 images: {num_images} digits drawn as {IMAGE_SIZE}x{IMAGE_SIZE} RGB PNG in images/")
+    say(f"[kvqa] 1/6 images: {num_images} digits drawn as {IMAGE_SIZE}x{IMAGE_SIZE} RGB PNG in images/")
 
     graph = NumberKnowledgeGraph()
     with open(out / "knowledge_graph.jsonl", "w") as f:
         for fact in graph.facts:
             f.write(json.dumps(fact.to_json()) + "\n")
-    say(f"[kvqa] 2/5 knowledge graph: {len(graph.facts)} facts over {len(RELATIONS)} relations in knowledge_graph.jsonl")
+    say(f"[kvqa] 2/6 knowledge graph: {len(graph.facts)} facts over {len(RELATIONS)} relations in knowledge_graph.jsonl")
 
     popular = [d for d, _ in Counter(labels[i] for i in range(num_images) if splits[i] == "train").most_common(2)]
-    captions, instructions = [], []
+    captions, drafts, bases = [], [], []
     for i in range(num_images):
         rng = np.random.default_rng((seed, i, 1))
         coverage_rng = np.random.default_rng((seed, i, 2))
-        base = {"image": _image_name(i), "split": splits[i], "digit": labels[i], "color": colors[i]}
-        captions.append(_caption_record(i, base, rng))
-        instructions.extend(_instruction_records(i, base, graph, popular, rng, coverage_rng, coverage, num_retrieved))
+        bases.append({"image": _image_name(i), "split": splits[i], "digit": labels[i], "color": colors[i]})
+        captions.append(_caption_record(i, bases[i], rng))
+        drafts.extend(_draft_questions(i, labels[i], colors[i], graph, popular, rng, coverage_rng, coverage, num_retrieved))
+    instructions = [_instruction_record(d, bases[d.index]) for d in _balance(drafts, splits, seed)]
     _write_llava_json(out / "captions.json", captions)
     _write_llava_json(out / "instructions.json", instructions)
-    say(f"[kvqa] 3/5 records: {len(captions)} captions, {len(instructions)} instructions (LLaVA-1.5 JSON)")
+    say(f"[kvqa] 3/6 records: {len(captions)} captions, {len(instructions)} instructions (LLaVA-1.5 JSON), "
+        f"yes/no and option letters balanced per question family")
+
+    check = check_text_only(instructions)
+    say(f"[kvqa] 4/6 text-only check: {check.verdict()}")
+    if not check.passed:
+        raise BenchmarkLeakError(check)
+    check.answerers.save(str(out / BASELINES_FILE), [r for r in instructions if r["split"] != "train"], check.to_json())
 
     texts = [turn["value"] for r in (*captions, *instructions) for turn in r["conversations"]]
     texts += [fact.text for fact in graph.facts]
@@ -206,7 +221,7 @@ def build_kvqa(
             [_chat_text(r) for r in (*captions, *instructions)], add_special_tokens=False
         )["input_ids"]
     )
-    say(f"[kvqa] 4/5 processor: {tokenizer.vocab_size}-token BPE tokenizer + SigLIP image processor in processor/")
+    say(f"[kvqa] 5/6 processor: {tokenizer.vocab_size}-token BPE tokenizer + SigLIP image processor in processor/")
 
     summary = KvqaSummary(
         out_dir=str(out_dir),
@@ -215,12 +230,13 @@ def build_kvqa(
         counts=_count_rows(captions, instructions),
         vocab_size=len(tokenizer),
         max_text_tokens=max_text_tokens,
+        check=check.to_json(),
         seconds=time.perf_counter() - started,
     )
     # Without `out_dir`: the file sits there, and an s3:// build writes it from a temporary folder.
     stored = {k: v for k, v in summary.to_json().items() if k != "out_dir"}
     (out / "summary.json").write_text(json.dumps(stored, indent=2) + "\n")
-    say(f"[kvqa] 5/5 summary.json written ({summary.seconds:.1f} s)")
+    say(f"[kvqa] 6/6 summary.json written ({summary.seconds:.1f} s)")
     return summary
 
 
@@ -271,131 +287,168 @@ def _caption_record(index: int, base: dict, rng: np.random.Generator) -> dict:
     }
 
 
-def _instruction_records(
+@dataclass
+class _Draft:
+    """One question before the balancing pass: its options (the answer first) are laid out, and
+    its letter chosen, only once every question of its family and split is known."""
+
+    index: int
+    family: str
+    question_type: str
+    hop: int
+    question: str
+    answer: str
+    facts: list[dict]
+    prompt_facts: list[str]
+    options: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def _draft_questions(
     index: int,
-    base: dict,
+    digit: int,
+    color: str,
     graph: NumberKnowledgeGraph,
     popular: list[int],
     rng: np.random.Generator,
     coverage_rng: np.random.Generator,
     coverage: float,
     num_retrieved: int,
-) -> list[dict]:
-    digit = base["digit"]
-    records = []
-    for name in rng.choice(HOP0_FAMILIES, size=QUESTIONS_PER_HOP[0], replace=False):
-        question_type, question, answer, extra = _hop0_question(str(name), base, popular, rng)
-        records.append({
-            "id": f"kvqa-{index:05d}-{name}",
-            **base,
-            "conversations": _conversation(question, answer),
-            "hop": 0,
-            "question_type": question_type,
-            "answer": answer,
-            "facts": [],
-            **extra,
-        })
+) -> list[_Draft]:
+    """The questions of one image: QUESTIONS_PER_HOP families per hop level, drawn independently
+    of the image's answers (the balancing pass drops questions, it never picks them by answer)."""
+    drafts = [_hop0_draft(index, str(name), digit, color, popular, rng) for name in rng.choice(HOP0_FAMILIES, size=QUESTIONS_PER_HOP[0], replace=False)]
     for hop in (1, 2):
         eligible = [f for f in FAMILIES if f.hop == hop and graph.follow(digit, f.relations) is not None]
         for family_index in rng.choice(len(eligible), size=QUESTIONS_PER_HOP[hop], replace=False):
-            family = eligible[family_index]
-            supporting = graph.follow(digit, family.relations)
-            retrieved, num_dropped = _retrieve(graph, digit, family, supporting, rng, coverage_rng, coverage, num_retrieved)
-            question, answer = _knowledge_question(family, digit, supporting, graph, rng)
-            facts_line = "Facts: " + " ".join(f["text"] for f in retrieved)
-            records.append({
-                "id": f"kvqa-{index:05d}-{family.name}",
-                **base,
-                "conversations": _conversation(f"{facts_line}\nQuestion: {question}", answer),
-                "hop": hop,
-                "question_type": family.question_type,
-                "answer": answer,
-                "facts": retrieved,
-                "num_dropped_facts": num_dropped,
-            })
-    return records
+            drafts.append(_knowledge_draft(index, eligible[family_index], digit, graph, rng, coverage_rng, coverage, num_retrieved))
+    return drafts
 
 
-def _hop0_question(name: str, base: dict, popular: list[int], rng: np.random.Generator) -> tuple[str, str, str, dict]:
-    digit = base["digit"]
+def _hop0_draft(index: int, name: str, digit: int, color: str, popular: list[int], rng: np.random.Generator) -> _Draft:
+    def draft(question_type: str, question: str, answer: str, **kw) -> _Draft:
+        return _Draft(index, name, question_type, 0, question, answer, [], [], **kw)
+
     if name == "digit":
-        return "open", "Which digit is shown?", str(digit), {}
+        return draft("open", "Which digit is shown?", str(digit))
     if name == "color":
-        return "open", "What color is the digit?", base["color"], {}
+        return draft("open", "What color is the digit?", color)
     if name == "digit_choice":
-        question, letter = _multiple_choice("Which digit is shown?", digit, _digit_distractors(digit, rng), rng)
-        return "multiple_choice", question, letter, {}
-    # POPE: half the probes name the digit shown; the others name a digit drawn at random, one of
-    # the most frequent digits ("popular"), or one easily confused with it ("adversarial").
+        # Options: the digit and three others drawn uniformly, so the option set never tells which it is.
+        others = [int(d) for d in rng.permutation([d for d in range(10) if d != digit])[:3]]
+        return draft("multiple_choice", "Which digit is shown?", str(digit), options=[digit, *others])
+    # POPE-style probe: half name the digit shown; the others a digit drawn uniformly from the rest,
+    # labelled with POPE's strategy it falls under (one of the most frequent digits: "popular";
+    # one easily confused with it: "adversarial"; else "random").
     if rng.random() < 0.5:
-        return "yes_no", f"Is there a {digit} in the image?", "yes", {"pope_strategy": "positive"}
-    strategy = ("random", "popular", "adversarial")[rng.integers(3)]
-    pool = {
-        "random": [d for d in range(10) if d != digit],
-        "popular": [d for d in popular if d != digit] or [d for d in range(10) if d != digit],
-        "adversarial": list(CONFUSABLE[digit]),
-    }[strategy]
-    probe = int(pool[rng.integers(len(pool))])
-    return "yes_no", f"Is there a {probe} in the image?", "no", {"pope_strategy": strategy}
+        return draft("yes_no", f"Is there a {digit} in the image?", "yes", extra={"pope_strategy": "positive"})
+    probe = int(rng.choice([d for d in range(10) if d != digit]))
+    strategy = "adversarial" if probe in CONFUSABLE[digit] else "popular" if probe in popular else "random"
+    return draft("yes_no", f"Is there a {probe} in the image?", "no", extra={"pope_strategy": strategy})
 
 
-def _digit_distractors(digit: int, rng: np.random.Generator) -> list[int]:
-    others = [d for d in rng.permutation(10).tolist() if d != digit and d not in CONFUSABLE[digit]]
-    return [*CONFUSABLE[digit], *others]
-
-
-def _knowledge_question(
-    family: QuestionFamily, digit: int, supporting: list[Fact], graph: NumberKnowledgeGraph, rng: np.random.Generator
-) -> tuple[str, str]:
-    tail = supporting[-1].tail
-    if family.question_type == "yes_no":
-        return family.question, "yes" if tail == family.yes_if else "no"
-    if family.question_type == "open":
-        return family.question, str(tail)
-    # Options: the answer, then the same walk from confusable and random digits, distinct values.
-    wrong: list[int | str] = []
-    for other in _digit_distractors(digit, rng):
-        chain = graph.follow(other, family.relations)
-        if chain is not None and chain[-1].tail != tail and chain[-1].tail not in wrong:
-            wrong.append(chain[-1].tail)
-    return _multiple_choice(family.question, tail, wrong, rng)
-
-
-def _multiple_choice(question: str, answer: int | str, wrong: list, rng: np.random.Generator) -> tuple[str, str]:
-    options = [answer, *wrong[: len(OPTION_LETTERS) - 1]]
-    order = rng.permutation(len(options))
-    lines = [f"{OPTION_LETTERS[k]}. {options[j]}" for k, j in enumerate(order)]
-    letter = OPTION_LETTERS[int(np.flatnonzero(order == 0)[0])]
-    return f"{question}\nOptions:\n" + "\n".join(lines) + f"\n{MULTIPLE_CHOICE_SUFFIX}", letter
-
-
-def _retrieve(
-    graph: NumberKnowledgeGraph,
-    digit: int,
+def _knowledge_draft(
+    index: int,
     family: QuestionFamily,
-    supporting: list[Fact],
+    digit: int,
+    graph: NumberKnowledgeGraph,
     rng: np.random.Generator,
     coverage_rng: np.random.Generator,
     coverage: float,
     num_retrieved: int,
-) -> tuple[list[dict], int]:
-    """The candidate facts of one question: supporting facts that survive `coverage`, then hard
-    distractors (the same walk from digits easily confused with this one), then random facts.
-    Coverage draws use their own generator, so changing `coverage` changes nothing else."""
+) -> _Draft:
+    """A knowledge question and its candidate facts: the walk's facts from the digit shown and from
+    other candidate digits, so only the image says which walk is the right one. Yes/no questions
+    list two walks, one per answer; multiple choice lists one walk per option; open questions list
+    none in the prompt (the answer would be one of few) and keep their candidates in `facts`, for
+    the knowledge term. `coverage` < 1 drops that fraction of the digit's own facts (from `facts`,
+    and that hop of every walk from the prompt)."""
+    supporting = graph.follow(digit, family.relations)
+    tail = supporting[-1].tail
+    eligible = [d for d in rng.permutation(10).tolist() if d != digit and graph.follow(d, family.relations) is not None]
+    if family.question_type == "yes_no":
+        answer = "yes" if tail == family.yes_if else "no"
+        opposite = next(d for d in eligible if (graph.follow(d, family.relations)[-1].tail == family.yes_if) != (answer == "yes"))
+        candidates, options = [opposite], []
+    elif family.question_type == "multiple_choice":
+        answer, candidates, options = str(tail), [], [tail]
+        for other in eligible:
+            value = graph.follow(other, family.relations)[-1].tail
+            if value not in options and len(options) < len(OPTION_LETTERS):
+                candidates.append(other)
+                options.append(value)
+    else:
+        answer, candidates, options = str(tail), [], []
+        for other in eligible:
+            if (1 + len(candidates) + 1) * family.hop > num_retrieved:
+                break
+            candidates.append(other)
     kept = [f for f in supporting if coverage_rng.random() < coverage]
-    candidates: list[Fact] = []
-    for other in CONFUSABLE[digit]:
-        candidates.extend(graph.follow(other, family.relations) or [])
-    candidates.extend(graph.facts[j] for j in rng.permutation(len(graph.facts)))
-    chosen = list(kept)
-    for fact in candidates:
-        if len(chosen) == num_retrieved:
-            break
-        if fact not in supporting and fact not in chosen:
-            chosen.append(fact)
+    # Ordered before the coverage drop, so `coverage` changes which facts are kept and nothing else.
+    chosen = [(f, True) for f in supporting] + [(f, False) for other in candidates for f in graph.follow(other, family.relations)]
     order = rng.permutation(len(chosen))
-    retrieved = [{**chosen[j].to_json(), "supporting": chosen[j] in kept} for j in order]
-    return retrieved, len(supporting) - len(kept)
+    facts = [{**chosen[j][0].to_json(), "supporting": chosen[j][1]} for j in order if not chosen[j][1] or chosen[j][0] in kept]
+    # The prompt holds at most MAX_PROMPT_FACTS: beyond that (four walks of two hops), each walk's
+    # first hop only; the rest the model must know. `facts` keeps them all, for the knowledge term.
+    walks = 1 + len(candidates)
+    shown_hops = family.hop if walks * family.hop <= MAX_PROMPT_FACTS else MAX_PROMPT_FACTS // walks
+    # A hop whose supporting fact coverage dropped is left out of every walk, so that the prompt
+    # never holds the other candidates' facts alone (they would give the answer away by elimination).
+    first_relations = {f.relation for f in supporting[:shown_hops] if f in kept}
+    shown = [f["text"] for f in facts if f["relation"] in first_relations] if family.question_type != "open" else []
+    return _Draft(index, family.name, family.question_type, family.hop, family.question, answer, facts, shown,
+                  options=options, extra={"num_dropped_facts": len(supporting) - len(kept)})
+
+
+def _balance(drafts: list[_Draft], splits: list[str], seed: int) -> list[_Draft]:
+    """Per split and question family: yes/no answers half and half (for probes, per probed digit:
+    the majority answer's questions are dropped at random down to the minority's count), and the
+    correct option of multiple choice on each letter equally often (letters dealt in turn over a
+    shuffled order). Every draw is seeded, so the same arguments give the same benchmark."""
+    rng = np.random.default_rng((seed, 0xBA1A))
+    groups: dict[tuple, list[int]] = {}
+    for i, d in enumerate(drafts):
+        if d.question_type == "yes_no":
+            key = (splits[d.index], d.family, d.question if d.hop == 0 else "")
+            groups.setdefault(key, []).append(i)
+    dropped: set[int] = set()
+    for key in sorted(groups):
+        yes = [i for i in groups[key] if drafts[i].answer == "yes"]
+        no = [i for i in groups[key] if drafts[i].answer == "no"]
+        larger, smaller = (yes, no) if len(yes) > len(no) else (no, yes)
+        dropped.update(int(i) for i in rng.choice(larger, size=len(larger) - len(smaller), replace=False))
+    kept = [d for i, d in enumerate(drafts) if i not in dropped]
+    by_family: dict[tuple, list[_Draft]] = {}
+    for d in kept:
+        if d.question_type == "multiple_choice":
+            by_family.setdefault((splits[d.index], d.family), []).append(d)
+    for key in sorted(by_family):
+        group = by_family[key]
+        for turn, j in enumerate(rng.permutation(len(group))):
+            d = group[j]
+            letter = turn % len(d.options)
+            others = [d.options[k] for k in rng.permutation(range(1, len(d.options)))]
+            laid = others[:letter] + [d.options[0]] + others[letter:]
+            lines = [f"{OPTION_LETTERS[k]}. {value}" for k, value in enumerate(laid)]
+            d.question = f"{d.question}\nOptions:\n" + "\n".join(lines) + f"\n{MULTIPLE_CHOICE_SUFFIX}"
+            d.answer = OPTION_LETTERS[letter]
+    return kept
+
+
+def _instruction_record(draft: _Draft, base: dict) -> dict:
+    question = draft.question
+    if draft.prompt_facts:
+        question = "Facts: " + " ".join(draft.prompt_facts) + f"\nQuestion: {question}"
+    return {
+        "id": f"kvqa-{draft.index:05d}-{draft.family}",
+        **base,
+        "conversations": _conversation(question, draft.answer),
+        "hop": draft.hop,
+        "question_type": draft.question_type,
+        "answer": draft.answer,
+        "facts": draft.facts,
+        **draft.extra,
+    }
 
 
 def _write_llava_json(path: Path, records: list[dict]) -> None:
@@ -415,3 +468,94 @@ def _count_rows(captions: list[dict], instructions: list[dict]) -> dict[str, dic
     for question_type in ("open", "yes_no", "multiple_choice"):
         rows[f"  {question_type}"] = Counter(r["split"] for r in instructions if r["question_type"] == question_type)
     return {row: {s: counter.get(s, 0) for s in SPLIT_FRACTIONS} for row, counter in rows.items()}
+
+
+TEXT_ONLY_TOLERANCE = 0.03  # how far a text-only answerer may score above the template answerer on test
+CHANCE = {"yes_no": 0.5, "multiple_choice": 1 / len(OPTION_LETTERS)}
+
+
+class BenchmarkLeakError(RuntimeError):
+    """The built questions can be answered from their text: the build check failed."""
+
+    def __init__(self, check: "TextOnlyCheck"):
+        super().__init__(check)
+        self.check = check
+
+    def __str__(self) -> str:
+        return (f"the benchmark's text gives its answers away, so it cannot measure what a model sees: "
+                f"{'; '.join(self.check.failures)}. The question generator in ckd_ray/data/kvqa.py must "
+                "balance these questions (nothing was written past instructions.json)")
+
+
+@dataclass(frozen=True)
+class TextOnlyCheck:
+    """Test-split accuracy of the answerers that never see the image, all fit on the training split:
+    per question text (`question_only`), per template (`template`), and a bag-of-words classifier
+    of the prompt (`text_classifier`); per question type too. Passes when neither text-only
+    answerer beats the template by more than TEXT_ONLY_TOLERANCE and the template is at chance
+    (within that tolerance) on yes/no and multiple choice."""
+
+    answerers: TextAnswerers
+    accuracy: dict[str, dict[str, float]]  # answerer -> {"all": ..., question type: ...}
+    num_test: int
+
+    @property
+    def failures(self) -> list[str]:
+        found = []
+        template = self.accuracy["template"]["all"]
+        for name in ("question_only", "text_classifier"):
+            score = self.accuracy[name]["all"]
+            if score > template + TEXT_ONLY_TOLERANCE:
+                found.append(f"{name} answers {score:.3f} of the test questions, the template only {template:.3f}")
+        for kind, chance in CHANCE.items():
+            score = self.accuracy["template"].get(kind)
+            if score is not None and abs(score - chance) > TEXT_ONLY_TOLERANCE:
+                found.append(f"the template alone answers {score:.3f} of {kind} questions (chance: {chance:.3f})")
+        return found
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def verdict(self) -> str:
+        acc = self.accuracy
+        return (f"{'passed' if self.passed else 'FAILED'}: on {self.num_test} test questions, question-only "
+                f"{acc['question_only']['all']:.3f}, text classifier {acc['text_classifier']['all']:.3f}, "
+                f"template {acc['template']['all']:.3f} (allowed: +{TEXT_ONLY_TOLERANCE})")
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "tolerance": TEXT_ONLY_TOLERANCE, "num_test": self.num_test,
+                "accuracy": {name: {k: round(v, 4) for k, v in row.items()} for name, row in self.accuracy.items()}}
+
+    @staticmethod
+    def format_json(check: dict) -> list[str]:
+        """The check as the summary table shows it: one row per text-only answerer."""
+        kinds = ("all", "open", "yes_no", "multiple_choice")
+        lines = [f"text-only check on {check['num_test']} test questions ({'passed' if check['passed'] else 'FAILED'}: "
+                 f"no text-only answerer above the template by more than {check['tolerance']}, the template at chance "
+                 "on yes/no and multiple choice)",
+                 f"{'accuracy':<28}" + "".join(f"{k:>17}" for k in kinds)]
+        for name, row in check["accuracy"].items():
+            lines.append(f"{name:<28}" + "".join(f"{row.get(k, float('nan')):>17.3f}" for k in kinds))
+        return lines
+
+
+def check_text_only(instructions: list[dict]) -> TextOnlyCheck:
+    """Fits the text-only answerers on the training split and scores them on the test split."""
+    train = [r for r in instructions if r["split"] == "train"]
+    test = [r for r in instructions if r["split"] == "test"]
+    answerers = TextAnswerers.fit(train)
+    predictions = {
+        "question_only": [answerers.question_only(r) for r in test],
+        "text_classifier": text_classifier_predictions(train, test),
+        "template": [answerers.template(r) for r in test],
+    }
+    accuracy = {}
+    for name, answers in predictions.items():
+        correct: dict[str, list[bool]] = {"all": []}
+        for record, answer in zip(test, answers):
+            ok = answer == record["answer"]
+            correct["all"].append(ok)
+            correct.setdefault(record["question_type"], []).append(ok)
+        accuracy[name] = {kind: sum(oks) / len(oks) for kind, oks in correct.items()}
+    return TextOnlyCheck(answerers, accuracy, len(test))

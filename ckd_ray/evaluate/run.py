@@ -26,14 +26,16 @@ class _Evaluator:
 
     def score(self, rows: list[dict], settings: dict) -> dict:
         from ckd_ray.evaluate.generate import generate_answers, peak_memory_mb
-        from ckd_ray.evaluate.scoring import score_records
+        from ckd_ray.evaluate.scoring import BASELINE_FIELDS, score_records
         from ckd_ray.models import count_parameters
 
         answers = generate_answers(self.model, self.tokenizer, rows, batch_size=settings["batch_size"],
                                    max_new_tokens=settings["max_new_tokens"])
+        # The no-model answerers' answers ride along (rows carry them where the benchmark has them),
+        # so every score can stand beside its baselines on the same samples.
         records = [
             {"sample_id": str(r["sample_id"]), "question_type": str(r["question_type"]), "hop": int(r["hop"]),
-             "answer": str(r["answer"]), "prediction": a}
+             "answer": str(r["answer"]), "prediction": a, **{f: r[f] for f in BASELINE_FIELDS.values() if f in r}}
             for r, a in zip(rows, answers)
         ]
         scores = score_records(records)
@@ -77,8 +79,12 @@ def evaluate_model(model_uri: str, rows: list[dict], settings: EvaluationConfig,
     return evaluate_models([model_uri], rows, settings, use_gpu=use_gpu)[0]
 
 
-def knowledge_preservation(student_scores: dict, teacher_scores: dict, metric: str = "average") -> float | None:
-    """Seed 000: the student's score as a fraction of its teacher's; None (undefined, shown as
-    "-") when the teacher scores 0 on `metric`."""
+def knowledge_preservation(student_scores: dict, teacher_scores: dict, metric: str | None = None) -> float | None:
+    """Seed 000: the student's score as a fraction of its teacher's, on `metric` (default: the
+    headline, see `scoring.headline_name`); None (undefined, shown as "-") when the teacher scores
+    0 on it."""
+    from ckd_ray.evaluate.scoring import headline_name
+
+    metric = metric or headline_name(teacher_scores)
     teacher = teacher_scores.get(metric, 0.0)
     return student_scores.get(metric, 0.0) / teacher if teacher else None

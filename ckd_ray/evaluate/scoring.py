@@ -1,5 +1,5 @@
-"""Scores of generated answers: exact match, POPE-style yes/no F1, multiple-choice accuracy, per
-hop level; and the real benchmarks' rules (VQAv2 soft accuracy, POPE F1 over its three splits,
+"""Scores of generated answers: accuracy per question type and hop level, yes/no macro-F1, the
+headline `grounded` (accuracy above what the question alone earns); and the real benchmarks' rules (VQAv2 soft accuracy, POPE F1 over its three splits,
 ScienceQA-IMG accuracy) for when their files are supplied locally."""
 
 from __future__ import annotations
@@ -79,33 +79,114 @@ def pope_average_f1(by_split: dict[str, tuple[Sequence[str], Sequence[str]]]) ->
     return scores
 
 
+QUESTION_TYPES = ("open", "yes_no", "multiple_choice")
+TYPE_ACCURACY = {"open": "open_em", "yes_no": "yes_no_acc", "multiple_choice": "mc_acc"}
+BASELINE_FIELDS = {"question_only": "baseline_question_only", "majority": "baseline_majority", "chance": "baseline_chance"}
+
+
 def score_records(records: Iterable[dict]) -> dict[str, float]:
-    """Benchmark scores of records with `prediction`, `answer`, `question_type`, `hop`:
-    open-question exact match, yes/no F1, multiple-choice accuracy, accuracy per hop level and
-    overall, and their `average` (seed 001's Avg column: mean of the per-type scores)."""
-    by_type: dict[str, list[dict]] = defaultdict(list)
-    by_hop: dict[int, list[bool]] = defaultdict(list)
-    correct_all = []
-    for record in records:
-        qtype = record["question_type"]
-        by_type[qtype].append(record)
-        ok = _correct(record)
+    """Benchmark scores of records with `prediction`, `answer`, `question_type`, `hop`: accuracy
+    per question type (`open_em`, `yes_no_acc`, `mc_acc`), yes/no macro-F1 over both classes,
+    accuracy per hop level and overall, and `average`, the mean of the per-type accuracies.
+
+    Where every record also carries the question-only answerer's answer (`baseline_question_only`,
+    see `ckd_ray.data.baselines`): `question_only_acc` on the same records, `margin` (accuracy
+    minus it) and the headline `grounded`, the accuracy above question-only normalised per type,
+    `max(0, (acc - qo) / (1 - qo))`, averaged over types: 0 for any answerer that does not look at
+    the image (a constant, the question-only answerer), 1 for one that is always right."""
+    records = list(records)
+    correct = [float(_correct(r)) for r in records]
+    scores = _accuracies(records, correct)
+    yes_no_rows = [r for r in records if r["question_type"] == "yes_no"]
+    if yes_no_rows:
+        scores["yes_no_macro_f1"] = yes_no_macro_f1([r["prediction"] for r in yes_no_rows], [r["answer"] for r in yes_no_rows])
+        scores["yes_ratio"] = _mean(yes_no(r["prediction"]) == "yes" for r in yes_no_rows)
+    field_name = BASELINE_FIELDS["question_only"]
+    if records and all(field_name in r for r in records):
+        text_only = [float(_correct({**r, "prediction": r[field_name]})) for r in records]
+        scores.update(grounded_scores(records, correct, text_only))
+    return scores
+
+
+def grounded_scores(records: list[dict], correct: list[float], text_only: list[float]) -> dict[str, float]:
+    """`grounded`, `margin` and `question_only_acc` of per-record correctness `correct`, against
+    the question-only answerer's per-record correctness `text_only` (see `score_records`)."""
+    parts = []
+    for kind in QUESTION_TYPES:
+        rows = [i for i, r in enumerate(records) if r["question_type"] == kind]
+        if rows:
+            parts.append(grounded_part(_mean(correct[i] for i in rows), _mean(text_only[i] for i in rows)))
+    question_only = _mean(text_only)
+    return {"grounded": _mean(parts), "question_only_acc": question_only, "margin": _mean(correct) - question_only}
+
+
+def grounded_part(accuracy: float, question_only: float) -> float:
+    """One question type's share of `grounded`: accuracy above question-only, over what was left."""
+    return max(0.0, (accuracy - question_only) / (1.0 - question_only)) if question_only < 1.0 else 0.0
+
+
+def baseline_scores(records: list[dict]) -> dict[str, dict[str, float]]:
+    """The no-model answerers' scores on the same records (each record carries their answers, see
+    `BASELINE_FIELDS`): `question_only` and `majority` scored as if they were models; `chance` as
+    the expected score of a uniform guess (its yes/no macro-F1 is its accuracy, 1/2)."""
+    if not records or not all(f in r for r in records for f in BASELINE_FIELDS.values()):
+        return {}
+    out = {name: score_records([{**r, "prediction": r[BASELINE_FIELDS[name]]} for r in records]) for name in ("question_only", "majority")}
+    expected = [float(r[BASELINE_FIELDS["chance"]]) for r in records]
+    chance = _accuracies(records, expected)
+    if "yes_no_acc" in chance:
+        chance["yes_no_macro_f1"] = chance["yes_no_acc"]
+    text_only = [float(_correct({**r, "prediction": r[BASELINE_FIELDS["question_only"]]})) for r in records]
+    out["chance"] = {**chance, **grounded_scores(records, expected, text_only)}
+    return {name: out[name] for name in ("chance", "majority", "question_only")}
+
+
+def headline_name(scores: dict) -> str:
+    """The one number a table leads with: `grounded` where the question-only answers were known,
+    else `average` (data without a question-only answerer, e.g. a POPE or ScienceQA file)."""
+    return "grounded" if "grounded" in scores else "average"
+
+
+def headline(scores: dict) -> float:
+    return float(scores.get(headline_name(scores), 0.0))
+
+
+def describe_scores(scores: dict) -> str:
+    """One line: the headline, the margin over question-only where known, accuracy, sample count."""
+    name = headline_name(scores)
+    margin = f", {scores['margin']:+.3f} over question-only" if "margin" in scores else ""
+    return (f"{name} {scores.get(name, 0.0):.3f}{margin}, accuracy {scores.get('accuracy', 0.0):.3f} "
+            f"on {int(scores.get('num_samples', 0))} samples")
+
+
+def yes_no_macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean of the F1 of "yes" and the F1 of "no": answering one word to every probe earns at most 1/3."""
+    parts = []
+    for positive in ("yes", "no"):
+        said = [yes_no(p) == positive for p in predictions]
+        truth = [yes_no(r) == positive for r in references]
+        tp = sum(s and t for s, t in zip(said, truth))
+        denominator = sum(said) + sum(truth)
+        parts.append(2 * tp / denominator if denominator else 0.0)
+    return _mean(parts)
+
+
+def _accuracies(records: list[dict], correct: list[float]) -> dict[str, float]:
+    by_type: dict[str, list[float]] = defaultdict(list)
+    by_hop: dict[int, list[float]] = defaultdict(list)
+    for record, ok in zip(records, correct):
+        by_type[record["question_type"]].append(ok)
         by_hop[int(record["hop"])].append(ok)
-        correct_all.append(ok)
     scores: dict[str, float] = {}
-    if by_type.get("open"):
-        scores["open_em"] = _mean(_correct(r) for r in by_type["open"])
-    if by_type.get("yes_no"):
-        rows = by_type["yes_no"]
-        scores["yes_no_f1"] = pope_f1([r["prediction"] for r in rows], [r["answer"] for r in rows])["f1"]
-    if by_type.get("multiple_choice"):
-        scores["mc_acc"] = _mean(_correct(r) for r in by_type["multiple_choice"])
+    for kind, name in TYPE_ACCURACY.items():
+        if by_type.get(kind):
+            scores[name] = _mean(by_type[kind])
     for hop, oks in sorted(by_hop.items()):
         scores[f"hop{hop}_acc"] = _mean(oks)
-    scores["accuracy"] = _mean(correct_all)
-    headline = [scores[k] for k in ("open_em", "yes_no_f1", "mc_acc") if k in scores]
-    scores["average"] = _mean(headline) if headline else scores["accuracy"]
-    scores["num_samples"] = float(len(correct_all))
+    scores["accuracy"] = _mean(correct)
+    per_type = [scores[name] for name in TYPE_ACCURACY.values() if name in scores]
+    scores["average"] = _mean(per_type) if per_type else scores["accuracy"]
+    scores["num_samples"] = float(len(correct))
     return scores
 
 

@@ -2,9 +2,9 @@
 difference between two rows on the same test samples.
 
 The bootstrap resamples test samples (the same draw for both rows and every seed: the rows
-answered the same questions) and recomputes the benchmark's `average` (mean of open-question
-exact match, yes/no F1 and multiple-choice accuracy, as `score_records` does) from per-sample
-columns, so a draw costs two matrix products instead of re-scoring every record.
+answered the same questions) and recomputes the benchmark's headline (`grounded`, or `average`
+where no question-only answers are known, as `score_records` does) from per-sample columns, so a
+draw costs a few matrix products instead of re-scoring every record.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from statistics import mean, stdev
 
 import numpy as np
 
-from ckd_ray.evaluate.scoring import _correct, yes_no
+from ckd_ray.evaluate.scoring import BASELINE_FIELDS, QUESTION_TYPES, _correct
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -28,47 +28,43 @@ class AnswerColumns:
 
     sample_ids: tuple[str, ...]
     correct: np.ndarray  # float64 0/1
-    is_open: np.ndarray
-    is_mc: np.ndarray
-    is_yes_no: np.ndarray
-    yes_no_tp: np.ndarray  # said yes, truth yes (yes/no rows only)
-    yes_no_fp: np.ndarray  # said yes, truth no
-    yes_no_fn: np.ndarray  # did not say yes, truth yes
+    text_only: np.ndarray | None  # the question-only answerer's 0/1 on the same samples, where known
+    is_type: dict[str, np.ndarray]  # question type -> 0/1 column
 
     @classmethod
     def of(cls, records: list[dict]) -> "AnswerColumns":
-        """From evaluation records (`sample_id`, `question_type`, `answer`, `prediction`), sorted by sample id."""
+        """From evaluation records (`sample_id`, `question_type`, `answer`, `prediction`, and the
+        question-only answer where known), sorted by sample id."""
         records = sorted(records, key=lambda r: str(r["sample_id"]))
         kind = np.array([r["question_type"] for r in records], dtype=object)
-        is_yes_no = kind == "yes_no"
-        said = np.array([yes_no(r["prediction"]) == "yes" for r in records])
-        truth = np.array([yes_no(r["answer"]) == "yes" for r in records])
+        field_name = BASELINE_FIELDS["question_only"]
+        text_only = None
+        if records and all(field_name in r for r in records):
+            text_only = np.array([_correct({**r, "prediction": r[field_name]}) for r in records], dtype=np.float64)
         return cls(
             sample_ids=tuple(str(r["sample_id"]) for r in records),
             correct=np.array([_correct(r) for r in records], dtype=np.float64),
-            is_open=(kind == "open").astype(np.float64),
-            is_mc=(kind == "multiple_choice").astype(np.float64),
-            is_yes_no=is_yes_no.astype(np.float64),
-            yes_no_tp=(is_yes_no & said & truth).astype(np.float64),
-            yes_no_fp=(is_yes_no & said & ~truth).astype(np.float64),
-            yes_no_fn=(is_yes_no & ~said & truth).astype(np.float64),
+            text_only=text_only,
+            is_type={t: (kind == t).astype(np.float64) for t in QUESTION_TYPES if (kind == t).any()},
         )
 
-    def average(self, weights_RN: np.ndarray) -> np.ndarray:
-        """The `average` score under each row of sample weights `[R, N]` (a bootstrap draw's counts;
-        all ones gives `score_records`' own figure). A question type absent from the samples is
-        left out, as `score_records` leaves it out."""
-        parts = []
-        if self.is_open.any():
-            parts.append(_ratio(weights_RN @ (self.correct * self.is_open), weights_RN @ self.is_open))
-        if self.is_yes_no.any():
-            tp, fp, fn = weights_RN @ self.yes_no_tp, weights_RN @ self.yes_no_fp, weights_RN @ self.yes_no_fn
-            parts.append(_ratio(2 * tp, 2 * tp + fp + fn))  # = 2PR / (P + R); 0 where tp = 0
-        if self.is_mc.any():
-            parts.append(_ratio(weights_RN @ (self.correct * self.is_mc), weights_RN @ self.is_mc))
+    def headline(self, weights_RN: np.ndarray) -> np.ndarray:
+        """The headline score (`scoring.headline`) under each row of sample weights `[R, N]` (a
+        bootstrap draw's counts; all ones gives `score_records`' own figure): `grounded` where the
+        question-only answers are known, else `average`. A question type absent from the samples
+        (or from a draw) is left out, as `score_records` leaves it out."""
+        parts, present = [], []
+        for column in self.is_type.values():
+            count = weights_RN @ column
+            accuracy = _ratio(weights_RN @ (self.correct * column), count)
+            if self.text_only is not None:
+                question_only = _ratio(weights_RN @ (self.text_only * column), count)
+                accuracy = np.maximum(0.0, _ratio(accuracy - question_only, 1.0 - question_only))
+            parts.append(accuracy)
+            present.append(count > 0)
         if not parts:
             return _ratio(weights_RN @ self.correct, weights_RN.sum(axis=1))
-        return np.mean(parts, axis=0)
+        return _ratio(np.sum(parts, axis=0), np.sum(present, axis=0).astype(np.float64))
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -77,7 +73,7 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Difference:
-    """Row A minus row B in `average`, averaged over seeds, with its bootstrap interval."""
+    """Row A minus row B in the headline score, averaged over seeds, with its bootstrap interval."""
 
     observed: float
     low: float
@@ -91,7 +87,7 @@ class Difference:
 
 def paired_bootstrap(a_per_seed: list[list[dict]], b_per_seed: list[list[dict]], *, resamples: int = 2000,
                      confidence: float = 0.95, seed: int = 0) -> Difference:
-    """A paired bootstrap of `average(A) - average(B)`: each seed's records of both rows cover the
+    """A paired bootstrap of `headline(A) - headline(B)`: each seed's records of both rows cover the
     same test samples (matched by sample id); every draw resamples those samples once, for both
     rows and all seeds, and the difference is averaged over seeds."""
     if len(a_per_seed) != len(b_per_seed) or not a_per_seed:
@@ -106,8 +102,8 @@ def paired_bootstrap(a_per_seed: list[list[dict]], b_per_seed: list[list[dict]],
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)  # each draw's counts per sample
     ones = np.ones((1, n), dtype=np.float64)
-    per_seed = tuple(float(a.average(ones)[0] - b.average(ones)[0]) for a, b in zip(a_cols, b_cols))
-    diffs = np.mean([a.average(weights) - b.average(weights) for a, b in zip(a_cols, b_cols)], axis=0)
+    per_seed = tuple(float(a.headline(ones)[0] - b.headline(ones)[0]) for a, b in zip(a_cols, b_cols))
+    diffs = np.mean([a.headline(weights) - b.headline(weights) for a, b in zip(a_cols, b_cols)], axis=0)
     tail = (1 - confidence) / 2
     low, high = np.quantile(diffs, [tail, 1 - tail])
     return Difference(float(np.mean(per_seed)), float(low), float(high), float(np.mean(diffs <= 0)), per_seed, resamples, confidence)

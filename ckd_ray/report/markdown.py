@@ -8,7 +8,11 @@ from pathlib import Path
 from ckd_ray import storage
 from ckd_ray.report.plots import PHASE_ORDER, plot_loss_terms, plot_pool_throughput, plot_scores, plot_step_phases
 
-SCORE_COLUMNS = ("average", "open_em", "yes_no_f1", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc", "parameters", "latency_s", "peak_memory_mb")
+# The headline first (`grounded`, see ckd_ray.evaluate.scoring), then the margin over question-only
+# and the accuracies it is made of; `average` is the plain mean of the per-type accuracies.
+SCORE_COLUMNS = ("grounded", "margin", "open_em", "yes_no_acc", "yes_no_macro_f1", "mc_acc", "hop0_acc", "hop1_acc", "hop2_acc",
+                 "average", "parameters", "latency_s", "peak_memory_mb")
+BASELINE_LABELS = {"chance": "baseline: chance", "majority": "baseline: majority per type", "question_only": "baseline: question-only"}
 
 
 def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, metrics_note: str = "") -> str:
@@ -17,7 +21,9 @@ def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, me
         out = Path(tmp)
         plots = {
             "loss terms per step": plot_loss_terms(histories, out / "loss_terms.png"),
-            "scores per evaluated checkpoint": plot_scores({k: v["scores"] for k, v in manifest.evaluations.items()}, out / "scores.png"),
+            "scores per evaluated checkpoint": plot_scores(
+                {**{BASELINE_LABELS[k]: v for k, v in getattr(manifest, "baselines", {}).items() if k != "chance"},
+                 **{k: v["scores"] for k, v in manifest.evaluations.items()}}, out / "scores.png"),
             "teacher pool throughput": plot_pool_throughput(
                 [{"step_id": k, **v.get("teacher_pass", {})} for k, v in manifest.steps.items()], out / "teacher_throughput.png"
             ),
@@ -80,15 +86,31 @@ def _phases_table(manifest) -> list[str]:
 def _scores_table(manifest) -> list[str]:
     if not manifest.evaluations:
         return []
-    lines = ["## Scores (test split)", "", "| checkpoint | " + " | ".join(SCORE_COLUMNS) + " | preservation |",
-             "|---" * (len(SCORE_COLUMNS) + 2) + "|"]
-    for name, entry in manifest.evaluations.items():
-        scores = entry["scores"]
-        preservation = entry.get("knowledge_preservation")
-        lines.append(f"| {name} | " + " | ".join(_fmt(scores.get(c)) for c in SCORE_COLUMNS) + f" | {_fmt(preservation)} |")
+    models = {name: (entry["scores"], entry.get("knowledge_preservation")) for name, entry in manifest.evaluations.items()}
+    lines = ["## Scores (test split)", "", *HEADLINE_NOTE, "", *scores_table(models, getattr(manifest, "baselines", {}))]
     if any("predictions_uri" in entry for entry in manifest.evaluations.values()):
         lines += ["", "Every answer with its reference: `evaluations/<checkpoint>.jsonl` (one JSON record per sample)."]
     return lines + [""]
+
+
+HEADLINE_NOTE = (
+    "`grounded` (the headline): accuracy above the question-only answerer (an answerer fit on the training "
+    "split that reads the question but never the image), per question type, as a share of what it left: "
+    "`max(0, (acc - qo) / (1 - qo))`, averaged over types. 0 = no better than reading the question; 1 = always right. "
+    "`margin`: accuracy minus question-only accuracy on the same samples.",
+)
+
+
+def scores_table(models: dict[str, tuple[dict, float | None]], baselines: dict[str, dict]) -> list[str]:
+    """A Markdown table: the no-model baselines' rows first (where known), then one row per model
+    (name -> (scores, knowledge preservation or None))."""
+    columns = [c for c in SCORE_COLUMNS if any(c in s for s, _ in models.values()) or any(c in s for s in baselines.values())]
+    lines = ["| checkpoint | " + " | ".join(columns) + " | preservation |", "|---" * (len(columns) + 2) + "|"]
+    rows = [(BASELINE_LABELS.get(name, name), scores, None) for name, scores in baselines.items()]
+    rows += [(name, scores, preservation) for name, (scores, preservation) in models.items()]
+    for name, scores, preservation in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(scores.get(c)) for c in columns) + f" | {_fmt(preservation)} |")
+    return lines
 
 
 def _fmt(value) -> str:

@@ -35,7 +35,7 @@ def plot_loss_terms(histories: dict[str, list[dict]], path: Path) -> Path | None
     return path
 
 
-def plot_scores(evaluations: dict[str, dict], path: Path, metrics=("average", "open_em", "yes_no_f1", "mc_acc")) -> Path | None:
+def plot_scores(evaluations: dict[str, dict], path: Path, metrics=("grounded", "open_em", "yes_no_acc", "mc_acc")) -> Path | None:
     """Grouped bars: each evaluated checkpoint (stage end, teachers) by metric."""
     if not evaluations:
         return None
