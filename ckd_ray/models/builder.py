@@ -24,7 +24,8 @@ FREEZE_POLICIES: dict[str, tuple[str, ...]] = {
     "connector": ("multi_modal_projector",),
     "connector+llm": ("multi_modal_projector", "language_model", "lm_head"),
 }
-# What `AutoProcessor` and `AutoTokenizer` read: copied next to every checkpoint of a model.
+# What `AutoProcessor` and `AutoTokenizer` read: copied next to every checkpoint of a model
+# (`processor_config.json` is then written for the model itself: `save_processor_files`).
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
                    "processor_config.json", "chat_template.jinja", "chat_template.json")
 
@@ -91,13 +92,15 @@ def build_preset(name: str, *, seed: int = 0, attn_implementation: str = "sdpa")
 
 
 def save_model(model, out_dir: str | Path, processor_dir: str | Path | None = None) -> Path:
-    """Writes the Hugging Face format (config.json, safetensors) plus the tokenizer and image
-    processor files copied from `processor_dir`, so the directory loads with transformers alone."""
+    """Writes the Hugging Face format (config.json, safetensors) plus, from `processor_dir`, the
+    tokenizer and image processor files and the model's LlavaProcessor config
+    (`save_processor_files`), so the directory loads with transformers alone, `AutoProcessor`
+    and `pipeline("image-text-to-text")` included."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     if processor_dir is not None:
-        copy_processor_files(processor_dir, out)
+        save_processor_files(processor_dir, out)
     return out
 
 
@@ -106,6 +109,67 @@ def copy_processor_files(src_dir: str | Path, dst_dir: str | Path) -> None:
     for name in PROCESSOR_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
+
+
+def save_processor_files(processor_dir: str | Path, model_dir: str | Path) -> None:
+    """Copies the tokenizer and image processor files of `processor_dir` into `model_dir` (which
+    holds the model's config.json already) and writes the model's LlavaProcessor config
+    (`processor_config.json`, from `llava_processor`): without it `AutoProcessor` builds a
+    LlavaProcessor with no patch size, which cannot expand `<image>`. A `processor_dir` without a
+    tokenizer leaves only what it has (nothing to build a processor from)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    src, dst = Path(processor_dir), Path(model_dir)
+    copy_processor_files(src, dst)
+    if not any((dst / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    tokenizer = AutoTokenizer.from_pretrained(dst)
+    processor = llava_processor(AutoConfig.from_pretrained(dst), tokenizer, AutoImageProcessor.from_pretrained(dst),
+                                chat_template=tokenizer.chat_template)
+    processor.to_json_file(dst / "processor_config.json")  # what LlavaProcessor.save_pretrained writes, tokenizer aside
+    if isinstance(processor.chat_template, str) and not any((dst / name).exists() for name in ("chat_template.jinja", "chat_template.json")):
+        (dst / "chat_template.jinja").write_text(processor.chat_template)  # a template kept in tokenizer_config.json only
+
+
+def llava_processor(config, tokenizer, image_processor, *, chat_template: str | None = None):
+    """The `LlavaProcessor` of a Llava model, its settings taken from the model's config: the
+    tower's `patch_size`, `vision_feature_select_strategy`, the token of `image_token_index`, and
+    `num_additional_image_tokens` (CLIP's class token), so that one `<image>` in a prompt becomes
+    exactly the `num_image_tokens(config)` image positions the model fills. The one way every
+    model folder the project writes gets its processor (`save_processor_files`, `models compose`).
+    Raises ValueError where the tokenizer or the image processor does not fit the model."""
+    from PIL import Image
+    from transformers import LlavaProcessor
+
+    vision, strategy = config.vision_config, config.vision_feature_select_strategy
+    expected = num_image_tokens(config)
+    grid = (vision.image_size // vision.patch_size) ** 2
+    image_token_id = config.image_token_index
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id) if 0 <= image_token_id < len(tokenizer) else None
+    if image_token is None:
+        raise ValueError(f"the model's image token id {image_token_id} is not in its tokenizer ({len(tokenizer)} tokens)")
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=chat_template,
+        image_token=image_token,
+        num_additional_image_tokens=expected - grid + (1 if strategy == "default" else 0),
+    )
+    if processor.image_token_id != image_token_id:  # LlavaProcessor prefers the tokenizer's own `image_token`
+        raise ValueError(f"the tokenizer's image token {processor.image_token!r} has id {processor.image_token_id}, "
+                         f"but the model's image_token_index is {image_token_id}: give the model the tokenizer it was built with")
+    # What a user gets for one (non-square) image: the tower's pixel size and that many image tokens.
+    probe = processor(images=Image.new("RGB", (2 * vision.image_size, vision.image_size)), text=processor.image_token,
+                      return_tensors="np")
+    made = int((probe["input_ids"] == image_token_id).sum())
+    pixels = tuple(probe["pixel_values"].shape[-2:])
+    if made != expected or pixels != (vision.image_size, vision.image_size):
+        raise ValueError(f"the image processor makes {pixels[0]}x{pixels[1]} pixels, {made} image tokens, but the model's "
+                         f"tower takes {vision.image_size}x{vision.image_size}, {expected} tokens per image: give the folder "
+                         "the image processor of its vision tower")
+    return processor
 
 
 def resolve_dtype(dtype: str, on_gpu: bool) -> torch.dtype:

@@ -332,18 +332,9 @@ def _assemble(spec: ComposeSpec, parts: _Parts, llm, vision_tower, tokenizer):
 def _save(model, tokenizer, parts: _Parts, spec: ComposeSpec, out: Path) -> None:
     """Weights (safetensors), config, generation config, tokenizer, image processor and the
     LlavaProcessor files (its image-token count follows the tower and the select strategy)."""
-    from transformers import LlavaProcessor
+    from ckd_ray.models.builder import llava_processor
 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.chat_template = CHAT_TEMPLATE
-    processor = LlavaProcessor(
-        image_processor=parts.image_processor,
-        tokenizer=tokenizer,
-        patch_size=parts.vision_config.patch_size,
-        vision_feature_select_strategy=parts.select_strategy,
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1 if parts.vision_config.model_type == "clip_vision_model" else 0,
-    )
-    processor.save_pretrained(out)
+    llava_processor(model.config, tokenizer, parts.image_processor, chat_template=CHAT_TEMPLATE).save_pretrained(out)
     parts.image_processor.save_pretrained(out)  # preprocessor_config.json as well: what transformers 4.x reads

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckd_ray.models.builder import copy_processor_files
+from ckd_ray.models.builder import save_processor_files
 
 FORMAT_VERSION = 1
 MODEL_DIR = "model"
@@ -245,7 +245,7 @@ def write_checkpoint(engine, state: TrainState, directory: str | Path, *, proces
         module.student.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
         if module.projection is not None:
             save_file(_contiguous(module.projection.state_dict()), str(directory / PROJECTION_FILE))
-    copy_processor_files(processor_dir, directory / MODEL_DIR)
+    save_processor_files(processor_dir, directory / MODEL_DIR)  # tokenizer, image processor, LlavaProcessor config
     save_file(optimizer_state, str(directory / OPTIMIZER_FILE))
     (directory / STATE_FILE).write_text(state.to_json())
     write_checksums(directory)
