@@ -111,6 +111,21 @@ def test_baseline_rows_score_the_no_model_answers_on_the_same_records():
     assert baseline_scores([{**r, "prediction": "x"} for r in [{"question_type": "open", "hop": 0, "answer": "1"}]]) == {}
 
 
+def test_each_evaluation_set_is_scored_by_its_own_rules():
+    records = [
+        {"eval_set": "pope", "pope_strategy": "random", "question_type": "yes_no", "hop": 0, "answer": "yes", "prediction": "yes"},
+        {"eval_set": "pope", "pope_strategy": "random", "question_type": "yes_no", "hop": 0, "answer": "no", "prediction": "yes"},
+        {"eval_set": "pope", "pope_strategy": "adversarial", "question_type": "yes_no", "hop": 0, "answer": "yes", "prediction": "no"},
+        {"eval_set": "vqa", "answers": ["two"] * 2 + ["2"] + ["three"] * 7, "question_type": "open", "hop": 0, "answer": "three",
+         "prediction": "2"},
+    ]
+    scores = score_records(records)
+    # POPE: random F1 = 2/3 (tp 1, fp 1), adversarial 0 -> mean 1/3; accuracy 1/3
+    assert scores["pope/pope_f1"] == pytest.approx(1 / 3) and scores["pope/accuracy"] == pytest.approx(1 / 3)
+    assert scores["vqa/vqa_acc"] == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10) and scores["vqa/accuracy"] == 0.0
+    assert not any("/" in key for key in score_records([{**r, "eval_set": None} for r in records]))
+
+
 def test_knowledge_preservation_is_the_student_share_and_undefined_without_teacher_score():
     assert knowledge_preservation({"average": 0.3, "accuracy": 0.2}, {"average": 0.6, "accuracy": 0.8}) == pytest.approx(0.5)
     assert knowledge_preservation({"grounded": 0.1, "average": 0.3}, {"grounded": 0.4, "average": 0.6}) == pytest.approx(0.25)

@@ -36,6 +36,7 @@ class StepData:
         self._catalogs: dict = {}  # one catalog pass per source for the whole job
         self._validation: dict = {}
         self._rejects_book = None
+        self._evaluation_sets: list | None = None
         self._evaluation_rows: list[dict] | None = None
 
     @property
@@ -135,9 +136,22 @@ class StepData:
             self._validation[key] = task.remote(student.dataset)
         return self._validation[key]
 
+    def evaluation_sets(self):
+        """The sets evaluation reads (`ckd_ray.evaluate.sets`), resolved once per job on the
+        driver: the first call raises ConfigError if a set selects no records (`run_cascade`
+        makes it before Ray starts, so a bad evaluation never waits for the training)."""
+        from ckd_ray.evaluate.sets import evaluation_sets
+
+        if self._evaluation_sets is None:
+            self._evaluation_sets = evaluation_sets(self.job, self.run_uri, self._catalogs)
+        return self._evaluation_sets
+
     def evaluation_rows(self) -> list[dict]:
-        """A deterministic shuffled prefix of the held-out split, as rows for generation (read
-        once per job), each with the benchmark's baseline answers where it has them."""
+        """A deterministic shuffled prefix of each evaluation set (`evaluation.max_samples`), as
+        rows for generation (read once per job), each with the benchmark's baseline answers where
+        it has them; rows of `evaluation.sources` carry their set's name (`eval_set`) and what
+        its scorer needs beyond `answer` (`pope_strategy`, VQAv2's `answers`)."""
+        from ckd_ray.config.loader import ConfigError, Problem
         from ckd_ray.data.baselines import load_sample_baselines
         from ckd_ray.data.pipeline import build_student_dataset
 
@@ -145,11 +159,17 @@ class StepData:
             return self._evaluation_rows
 
         limit = self.job.evaluation.max_samples
-        sources = self.job.data.eval_sources(self.job.evaluation.split)
-        student = build_student_dataset(sources, self.processor, self.job.data, catalogs=self._catalogs,
-                                        rejects_book=self.rejects_book, limit=limit,
-                                        rejects_uri=storage.join(self.run_uri, "rejects", "evaluation.jsonl"))
-        rows = student.dataset.take_all()
+        rows: list[dict] = []
+        for evaluation_set in self.evaluation_sets():
+            rejects_uri = storage.join(self.run_uri, "rejects", f"{evaluation_set.file_name}.jsonl")
+            student = build_student_dataset(evaluation_set.sources, self.processor, self.job.data, catalogs=self._catalogs,
+                                            rejects_book=self.rejects_book, limit=limit, rejects_uri=rejects_uri)
+            taken = student.dataset.take_all()
+            if not taken:  # possible only with data.max_reject_fraction 1
+                student.close_rejects()
+                raise ConfigError([Problem(evaluation_set.field, "preprocessing rejected every record it selects",
+                                           f"see why in {rejects_uri}")], f"the evaluation of job {self.job.name!r}")
+            rows += evaluation_set.label_rows(taken)
         # The bundled benchmark's no-model answers for these samples, so scores stand beside them.
         baselines = load_sample_baselines(self.job.data.benchmark_root)
         if baselines and all(str(row["sample_id"]) in baselines for row in rows):

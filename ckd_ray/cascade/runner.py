@@ -109,12 +109,13 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     start = time.perf_counter()
     raise_storage_problems(job)
     check_model_folders(job)
+    run_uri = job.run_uri
+    data = StepData(job, run_uri)
+    data.evaluation_sets()  # an evaluation that selects nothing is refused now, not after the training
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
-    run_uri = job.run_uri
     manifest = Manifest.open(run_uri, job)
     plan = build_plan(job)
-    data = StepData(job, run_uri)
     metrics = CascadeMetrics(job.name)
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
     _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {p.teacher for p in plan if p.teacher} | {"student"})

@@ -30,24 +30,33 @@ def cascade(config_paths, overrides, verbose) -> None:
 @click.option("--model", "models", multiple=True, metavar="URI_OR_ROLE",
               help="Model directory (local or s3://) or a role of the run's manifest; default: every role of the manifest.")
 def evaluate(config_paths, overrides, models) -> None:
-    """Score models on the benchmark's held-out split beside the no-model baselines: the headline
-    `grounded` (accuracy above question-only), accuracy per question type and hop level, yes/no
-    macro-F1; parameters, latency and peak memory."""
+    """Score models on the evaluation sets (evaluation.sources, else the benchmark's held-out
+    split) beside the no-model baselines: the headline `grounded` (accuracy above question-only),
+    accuracy per question type and hop level, yes/no macro-F1; parameters, latency and peak memory."""
+    import sys
+
     from ckd_ray import storage
     from ckd_ray.cascade.datasets import StepData
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.runner import connect_ray
+    from ckd_ray.config import ConfigError
     from ckd_ray.evaluate import evaluate_models
     from ckd_ray.evaluate.scoring import baseline_scores
     from ckd_ray.report.markdown import HEADLINE_NOTE, scores_table
 
     job = load_or_exit(config_paths, overrides, check_storage=True)
+    data = StepData(job, job.run_uri)
+    try:
+        data.evaluation_sets()  # before Ray starts: a set that selects nothing is a config problem
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
     connect_ray(job.ray)
     roles = Manifest.open(job.run_uri, job).roles
     targets = {m: roles.get(m, m) for m in models} if models else dict(roles)
     if not targets:
         raise click.UsageError("no --model given and the run has no manifest yet: run the cascade first")
-    rows = StepData(job, job.run_uri).evaluation_rows()
+    rows = data.evaluation_rows()
     scored = evaluate_models(list(targets.values()), rows, job.evaluation, use_gpu=job.trainer.use_gpu)
     results = {name: result["scores"] for name, result in zip(targets, scored)}
     baselines = baseline_scores(scored[0]["records"])

@@ -258,6 +258,7 @@ def check_storage(config: JobConfig) -> list[Problem]:
                 problems += probe.missing(f"data.{kind}[{i}].image_root", source.image_root, "fix the path or URI")
     if data.processor:
         problems += probe.missing("data.processor", data.processor, "fix the path or URI of the tokenizer folder")
+    problems += _evaluation_source_problems(config, probe)
     for role, spec in config.models.items():
         if spec.path:
             problems += probe.missing(f"models.{role}.path", spec.path, "fix the path or URI of the model folder")
@@ -265,6 +266,27 @@ def check_storage(config: JobConfig) -> list[Problem]:
     if config.storage.signal_cache:
         problems += probe.writable("storage.signal_cache", config.storage.signal_cache)
     return problems + submitted_job_problems(config)
+
+
+def _evaluation_source_problems(config: JobConfig, probe: "_StorageProbe") -> list[Problem]:
+    """Every file of each evaluation source exists (POPE: its strategies' files in the folder).
+    Whether a source selects any record is known only once it is read: `run_cascade` reads the
+    evaluation sets next, still before Ray starts (see `ckd_ray.evaluate.sets`)."""
+    from ckd_ray.data.eval_sets import POPE_STRATEGIES, pope_file
+
+    problems: list[Problem] = []
+    for i, source in enumerate(config.evaluation.sources):
+        at = f"evaluation.sources[{i}]"
+        uri_missing = probe.missing(f"{at}.uri", source.uri, "fix the path or URI")
+        problems += uri_missing
+        if source.format == "pope" and not uri_missing:
+            for strategy in (source.split,) if source.split else POPE_STRATEGIES:
+                fix = f"put POPE's coco_pope_{strategy}.json in that folder" + ("" if source.split else ", or set split: to a strategy you have")
+                problems += probe.missing(f"{at}.uri", pope_file(source.uri, strategy), fix)
+        for key in ("image_root", "annotations"):
+            if getattr(source, key) is not None:
+                problems += probe.missing(f"{at}.{key}", getattr(source, key), "fix the path or URI")
+    return problems
 
 
 def submitted_job_working_dir() -> Path | None:

@@ -276,7 +276,12 @@ def resolve_paths(job: JobConfig, base: Path) -> JobConfig:
         "captions": [source(s) for s in job.data.captions],
         "instructions": [source(s) for s in job.data.instructions],
     })
+    evaluation = job.evaluation.model_copy(update={"sources": [
+        spec.model_copy(update={"uri": absolute(spec.uri), "image_root": absolute(spec.image_root),
+                                "annotations": absolute(spec.annotations)})
+        for spec in job.evaluation.sources
+    ]})
     models = {role: spec.model_copy(update={"path": absolute(spec.path)}) for role, spec in job.models.items()}
     storage_config = job.storage.model_copy(update={"root": absolute(job.storage.root),
                                                     "signal_cache": absolute(job.storage.signal_cache)})
-    return job.model_copy(update={"data": data, "models": models, "storage": storage_config})
+    return job.model_copy(update={"data": data, "evaluation": evaluation, "models": models, "storage": storage_config})

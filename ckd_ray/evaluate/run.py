@@ -27,15 +27,18 @@ class _Evaluator:
     def score(self, rows: list[dict], settings: dict) -> dict:
         from ckd_ray.evaluate.generate import generate_answers, peak_memory_mb
         from ckd_ray.evaluate.scoring import BASELINE_FIELDS, score_records
+        from ckd_ray.data.eval_sets import RECORD_FIELDS
         from ckd_ray.models import count_parameters
 
         answers = generate_answers(self.model, self.tokenizer, rows, batch_size=settings["batch_size"],
                                    max_new_tokens=settings["max_new_tokens"])
         # The no-model answerers' answers ride along (rows carry them where the benchmark has them),
-        # so every score can stand beside its baselines on the same samples.
+        # so every score can stand beside its baselines on the same samples; so do an evaluation
+        # set's name and what its own scorer reads (POPE's strategy, VQAv2's ten human answers).
+        carried = (*BASELINE_FIELDS.values(), "eval_set", *RECORD_FIELDS)
         records = [
             {"sample_id": str(r["sample_id"]), "question_type": str(r["question_type"]), "hop": int(r["hop"]),
-             "answer": str(r["answer"]), "prediction": a, **{f: r[f] for f in BASELINE_FIELDS.values() if f in r}}
+             "answer": str(r["answer"]), "prediction": a, **{f: r[f] for f in carried if f in r}}
             for r, a in zip(rows, answers)
         ]
         scores = score_records(records)

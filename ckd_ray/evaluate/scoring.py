@@ -105,6 +105,30 @@ def score_records(records: Iterable[dict]) -> dict[str, float]:
     if records and all(field_name in r for r in records):
         text_only = [float(_correct({**r, "prediction": r[field_name]})) for r in records]
         scores.update(grounded_scores(records, correct, text_only))
+    scores.update(set_scores(records))
+    return scores
+
+
+def set_scores(records: list[dict]) -> dict[str, float]:
+    """Per evaluation set (records' `eval_set`, from `evaluation.sources`), `<set>/accuracy` and
+    its benchmark's own figure where its records carry what that needs: POPE's mean F1 over its
+    strategies (`<set>/pope_f1`, records with `pope_strategy`) and VQAv2's soft accuracy
+    (`<set>/vqa_acc`, records with the ten human `answers`)."""
+    by_set: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        if record.get("eval_set"):
+            by_set[str(record["eval_set"])].append(record)
+    scores: dict[str, float] = {}
+    for name, rows in sorted(by_set.items()):
+        scores[f"{name}/accuracy"] = _mean(float(_correct(r)) for r in rows)
+        if all(r.get("pope_strategy") for r in rows):
+            by_strategy: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+            for r in rows:
+                by_strategy[r["pope_strategy"]][0].append(r["prediction"])
+                by_strategy[r["pope_strategy"]][1].append(r["answer"])
+            scores[f"{name}/pope_f1"] = pope_average_f1(dict(by_strategy))["average"]
+        if all(r.get("answers") for r in rows):
+            scores[f"{name}/vqa_acc"] = _mean(vqa_soft_accuracy(r["prediction"], r["answers"]) for r in rows)
     return scores
 
 

@@ -105,6 +105,7 @@ def scores_table(models: dict[str, tuple[dict, float | None]], baselines: dict[s
     """A Markdown table: the no-model baselines' rows first (where known), then one row per model
     (name -> (scores, knowledge preservation or None))."""
     columns = [c for c in SCORE_COLUMNS if any(c in s for s, _ in models.values()) or any(c in s for s in baselines.values())]
+    columns += sorted({key for s, _ in models.values() for key in s if "/" in key})  # per evaluation set
     lines = ["| checkpoint | " + " | ".join(columns) + " | preservation |", "|---" * (len(columns) + 2) + "|"]
     rows = [(BASELINE_LABELS.get(name, name), scores, None) for name, scores in baselines.items()]
     rows += [(name, scores, preservation) for name, (scores, preservation) in models.items()]
