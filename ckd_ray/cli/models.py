@@ -9,7 +9,7 @@ import click
 
 @click.group()
 def models() -> None:
-    """Model folders: compose a LLaVA model from an LLM and a vision tower."""
+    """Model folders: pretrain tiny parts, compose a LLaVA model from an LLM and a vision tower."""
 
 
 @models.command("compose")
@@ -38,3 +38,22 @@ def compose(llm, vision, out, connector, vision_feature_layer, select_strategy) 
         click.echo(str(err), err=True)
         sys.exit(2)
     click.echo(composed.summary())
+
+
+@models.command("pretrain")
+@click.argument("benchmark_root")
+@click.option("--out", default="models/parts", show_default=True, metavar="DIR",
+              help="Folder of the parts, each in a subfolder named by its content digest (reused when there).")
+@click.option("--compose", "compose_into", default="models/tiny", show_default=True, metavar="DIR",
+              help="Compose the Llava folders DIR/student, DIR/ta, DIR/teacher from the parts ('' to skip).")
+@click.option("--vision-steps", default=400, show_default=True, help="Optimizer steps of the vision tower.")
+@click.option("--llm-steps", default=300, show_default=True, help="Optimizer steps of each LLM (the same for every size).")
+def pretrain(benchmark_root, out, compose_into, vision_steps, llm_steps) -> None:
+    """Pretrain tiny parts on BENCHMARK_ROOT's training split, offline on CPU: a SigLIP vision tower
+    that names digits and ink colours, and a Qwen2 LLM per size (student, TA, teacher) trained on the
+    benchmark's text; then compose them into Llava folders, as public Qwen2.5 + SigLIP are composed."""
+    from ckd_ray.models.pretrain import LanguageRecipe, VisionRecipe, pretrain_parts
+
+    parts = pretrain_parts(benchmark_root, out, vision=VisionRecipe(steps=vision_steps), language=LanguageRecipe(steps=llm_steps),
+                           compose_into=compose_into or None, log=lambda line: click.echo(line, err=True))
+    click.echo(parts.summary())

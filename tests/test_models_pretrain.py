@@ -1,0 +1,62 @@
+"""Tiny pretrained parts: a vision tower that sees digits and ink colours, LLMs trained on the
+benchmark's text, cached by content, and composed into Llava folders the way public parts are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ckd_ray.models.pretrain import LanguageRecipe, VisionRecipe, language_corpus, pretrain_parts
+
+
+@pytest.fixture(scope="module")
+def parts(kvqa_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("parts")
+    lines: list[str] = []
+    built = pretrain_parts(kvqa_dir, out / "parts", vision=VisionRecipe(steps=150), language=LanguageRecipe(steps=40),
+                           sizes=("student",), compose_into=out / "tiny", log=lines.append)
+    return built, out, lines
+
+
+def test_the_vision_tower_sees_digits_and_ink_colours(parts):
+    built, _, lines = parts
+    figures = built.figures["vision"]
+    # Chance: 0.1 for the digit, 0.25 for the colour; measured on the validation split's images.
+    assert figures["val_digit_accuracy"] > 0.6 and figures["val_colour_accuracy"] > 0.9, figures
+    assert any(line.startswith("[pretrain] vision step 150/150") for line in lines)
+
+
+def test_the_llm_learns_the_benchmark_text_and_is_saved_with_its_tokenizer(parts, kvqa_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    built, _, _ = parts
+    figures = built.figures["student"]
+    # An untrained model of a 512-token vocabulary is near perplexity 512; 40 steps bring the facts far below.
+    assert figures["fact_perplexity"] < 20 and figures["val_perplexity"] < 20, figures
+    model = AutoModelForCausalLM.from_pretrained(built.llms["student"])
+    tokenizer = AutoTokenizer.from_pretrained(built.llms["student"])
+    assert model.config.model_type == "qwen2" and sum(p.numel() for p in model.parameters()) == figures["parameters"]
+    assert tokenizer("7 is odd.")["input_ids"] == AutoTokenizer.from_pretrained(kvqa_dir / "processor")("7 is odd.")["input_ids"]
+    train, val = language_corpus(kvqa_dir, "train"), language_corpus(kvqa_dir, "val")
+    assert "7 is odd." in train and "7 is odd." not in val and not any("<image>" in text for text in train + val)
+
+
+def test_parts_are_cached_by_content_and_composed_into_llava_folders(parts, kvqa_dir):
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    built, out, _ = parts
+    again = pretrain_parts(kvqa_dir, out / "parts", vision=VisionRecipe(steps=150), language=LanguageRecipe(steps=40),
+                           sizes=("student",), compose_into=out / "tiny", log=lambda _line: None)
+    assert again.figures == built.figures
+    assert set(again.reused) == {built.vision, built.llms["student"], built.composed["student"]}
+    other = pretrain_parts(kvqa_dir, out / "parts", vision=VisionRecipe(steps=150), language=LanguageRecipe(steps=41),
+                           sizes=("student",), log=lambda _line: None)
+    assert other.llms["student"] != built.llms["student"] and other.vision == built.vision  # another recipe, another folder
+
+    folder = built.composed["student"]
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == "llava" and config.vision_feature_layer == -1 and config.vision_config.hidden_size == 64
+    assert json.loads((out / "tiny" / "student" / "composed_from.json").read_text())["llm"] == built.llms["student"]
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.tokenizer("7 is odd.")["input_ids"] == AutoTokenizer.from_pretrained(kvqa_dir / "processor")("7 is odd.")["input_ids"]
