@@ -82,8 +82,10 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
         "tests/test_models_compose.py::test_cli_compose_prints_the_summary_and_refuses_with_exit_code_2",
         "DIR stands for public checkpoints; the test composes tiny folders of the same layout"),
     "ckd-ray --help": Run(expect=("cascade", "tune", "experiment")),
+    "ckd-ray models pretrain data/kvqa": Run(expect=("pretrained parts ready", "[cached]")),
     # `ray job submit`
     "source .venv/bin/activate": Elsewhere(JOB_SUBMIT, "the job-submit test runs with the venv's bin first on PATH"),
+    "export RAY_AUTH_MODE=token": Elsewhere("tests/conftest.py", "the ray_cluster fixture's environment sets RAY_AUTH_MODE=token"),
     "ray start --head --num-cpus 8 --dashboard-host 127.0.0.1": Elsewhere(JOB_SUBMIT, "on free ports, with a second node"),
     ("ray job submit --address http://127.0.0.1:8265 --working-dir .  --runtime-env jobs/runtime_env.yaml --  python "
      "jobs/cascade_job.py configs/tiny_cascade.yaml --set data.benchmark_root=$PWD/data/kvqa --set storage.root=$PWD/runs"):
@@ -98,6 +100,9 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
     ("ckd-ray models compose --llm DIR_OR_S3 --vision DIR_OR_S3 --out DIR_OR_S3  [--connector mlp2x_gelu] "
      "[--vision-feature-layer -2] [--select-strategy default|full]"): Elsewhere(
         "tests/test_models_compose.py", "the synopsis; each option is tested on tiny folders"),
+    "python: from PIL import Image": Elsewhere(
+        "tests/test_models.py::test_saved_folder_answers_through_autoprocessor_and_pipeline_as_the_evaluation_does",
+        "the same lines in a clean interpreter on a trained tiny student, answers compared with the evaluation's"),
     "python: from transformers import AutoProcessor, LlavaForConditionalGeneration": Elsewhere(
         "tests/test_models_compose.py::test_composed_qwen2_siglip_loads_with_transformers_and_answers",
         "the same loading and generate on a tiny composed folder (the README's needs public checkpoints)"),

@@ -47,7 +47,7 @@ def compose(llm, vision, out, connector, vision_feature_layer, select_strategy) 
 @click.option("--compose", "compose_into", default="models/tiny", show_default=True, metavar="DIR",
               help="Compose the Llava folders DIR/student, DIR/ta, DIR/teacher from the parts ('' to skip).")
 @click.option("--vision-steps", default=400, show_default=True, help="Optimizer steps of the vision tower.")
-@click.option("--llm-steps", default=300, show_default=True, help="Optimizer steps of each LLM (the same for every size).")
+@click.option("--llm-steps", default=150, show_default=True, help="Optimizer steps of each LLM (the same for every size).")
 def pretrain(benchmark_root, out, compose_into, vision_steps, llm_steps) -> None:
     """Pretrain tiny parts on BENCHMARK_ROOT's training split, offline on CPU: a SigLIP vision tower
     that names digits and ink colours, and a Qwen2 LLM per size (student, TA, teacher) trained on the

@@ -55,9 +55,10 @@ class VisionRecipe:
 
 @dataclass(frozen=True)
 class LanguageRecipe:
-    """How each LLM is trained: the same steps and batches for every size."""
+    """How each LLM is trained: the same steps and batches for every size (150 steps: the facts'
+    perplexity is as low at 300 for every size, and the teacher's steps cost 0.7 s each)."""
 
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 32
     max_tokens: int = 64
     lr: float = 3e-3
@@ -321,8 +322,9 @@ def pretrain_llm(root: Path, out: Path, size: str, recipe: LanguageRecipe, log: 
     for step in range(recipe.steps):
         # Every batch holds a share of fact sentences: they are few beside the question text.
         num_facts = recipe.batch_size // 4
-        batch = torch.from_numpy(np.concatenate([corpus[rng.integers(0, len(corpus), size=recipe.batch_size - num_facts)],
-                                                 facts[rng.integers(0, len(facts), size=num_facts)]]))
+        rows = np.concatenate([corpus[rng.integers(0, len(corpus), size=recipe.batch_size - num_facts)],
+                               facts[rng.integers(0, len(facts), size=num_facts)]])
+        batch = torch.from_numpy(rows[:, : int((rows != PAD_TOKEN_ID).sum(axis=1).max())])  # no all-padding columns
         labels = batch.masked_fill(batch == PAD_TOKEN_ID, -100)
         loss = model(input_ids=batch, attention_mask=(batch != PAD_TOKEN_ID).long(), labels=labels).loss
         optimizer.zero_grad()
