@@ -96,7 +96,11 @@ class TeacherActorCounter:
         import psutil
 
         alive = 0
-        for proc in self._raylet.children(recursive=True):
+        try:
+            children = self._raylet.children(recursive=True)
+        except psutil.Error:  # a child exited during the walk: count again next round
+            return 0
+        for proc in children:
             try:
                 if proc.status() != psutil.STATUS_ZOMBIE and "TeacherActor" in " ".join(proc.cmdline()):
                     alive += 1

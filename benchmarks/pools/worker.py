@@ -116,7 +116,7 @@ def bench_worker(config: dict, session=None) -> None:
         memory = PeakPrivateMemory()
         if session.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(session.device)
-        data = ShardPrefetch(session, f"train-{index}", plan.micro_batch_size)
+        data = ShardPrefetch(session, f"train-{index}", plan)
 
         def emit(kind: str, payload: dict, step_id: str = plan.step_id) -> None:
             if events is not None and session.rank == 0:
