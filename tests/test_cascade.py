@@ -95,7 +95,7 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
         "name": "resume",
         "data": {"benchmark_root": str(kvqa_dir)},
         # The machinery under test, on the random presets (the pretrained parts are the quickstart's).
-        "models": {"student": {"preset": "tiny-student"}, "ta": {"preset": "tiny-ta"}, "teacher": {"preset": "tiny-teacher"}},
+        "models": {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")},
         "storage": {"root": str(tmp_path / "runs")},
         "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT", "DFT"]}]},
         # DFT's teacher pass runs while SFT trains: the kill and the resume cover that path too.

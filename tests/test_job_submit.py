@@ -102,7 +102,7 @@ def test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined(kvqa_di
             "name": "stale",
             "data": {"benchmark_root": str(kvqa_dir)},
         # The machinery under test, on the random presets (the pretrained parts are the quickstart's).
-        "models": {"student": {"preset": "tiny-student"}, "ta": {"preset": "tiny-ta"}, "teacher": {"preset": "tiny-teacher"}},
+        "models": {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")},
             "storage": {"root": str(tmp_path / "runs")},
             "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT"]}]},
             "trainer": {"max_steps": 2, "micro_batch_size": 4, "num_workers": 1, "report_every": 1, "checkpoint_every": 2},

@@ -57,7 +57,7 @@ def test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials(ray_c
         "extends": str(REPO / "configs" / "tiny_cascade.yaml"),
         "name": "submitted",
         "data": {"benchmark_root": str(kvqa_dir)},
-        "models": {"student": {"preset": "tiny-student"}, "ta": {"preset": "tiny-ta"}, "teacher": {"preset": "tiny-teacher"}},
+        "models": {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")},
         "storage": {"root": str(runs), "signal_cache": cache},
         # One distillation step: a teacher pass on the teacher node, then the student's worker group.
         "cascade": {"plan": None, "prepare_teachers": False, "stages": [{"teacher": "teacher", "steps": ["DFT"]}]},
