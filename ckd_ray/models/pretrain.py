@@ -244,12 +244,12 @@ def pretrain_vision(root: Path, out: Path, recipe: VisionRecipe, log: Callable[[
 
 
 def _shift(pixels, rng: np.random.Generator):
-    """Each image moved by up to one pixel each way (the background is white, +1 after the processor)."""
+    """The batch's images moved by up to one pixel each way; rolled, so the edge that wraps around
+    is the digits' white margin."""
     import torch
 
     dy, dx = (int(v) for v in rng.integers(-1, 2, size=2))
-    shifted = torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
-    return shifted
+    return torch.roll(pixels, shifts=(dy, dx), dims=(2, 3))
 
 
 # -------------------------------------------------------------------------------------------- language
