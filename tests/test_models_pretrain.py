@@ -60,3 +60,23 @@ def test_parts_are_cached_by_content_and_composed_into_llava_folders(parts, kvqa
     assert json.loads((out / "tiny" / "student" / "composed_from.json").read_text())["llm"] == built.llms["student"]
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.tokenizer("7 is odd.")["input_ids"] == AutoTokenizer.from_pretrained(kvqa_dir / "processor")("7 is odd.")["input_ids"]
+
+
+def test_the_composed_budget_benchmark_runs_end_to_end(parts, kvqa_dir, tmp_path):
+    """`benchmarks/bench_composed_budget.py` at its smallest size on the composed student: its real
+    path (PT, FT, greedy answers, scores beside question-only), checked for shape, not figures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    built, _, _ = parts
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "budget.json"
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_composed_budget.py"), "--model", built.composed["student"],
+                           "--benchmark-root", str(kvqa_dir), "--pt-steps", "2", "--ft-steps", "2", "--test-samples", "16",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["seconds"]) == {"data", "PT", "FT", "evaluation"}
+    assert {"grounded", "margin", "accuracy"} <= set(figures["scores"]) and 0.0 <= figures["scores"]["grounded"] <= 1.0
+    assert "FT step 2/2" in done.stdout
