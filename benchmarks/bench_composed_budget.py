@@ -107,7 +107,8 @@ def main() -> None:
         p.requires_grad_(True)
     model.train()
     seconds["PT"] = train(model, captions, args.pt_steps, args.lr_pt, args.batch_size, connector, "PT", device)
-    llm = connector + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    # lm_head shares its weight with the embeddings (tied): each tensor once in the optimizer.
+    llm = list({id(p): p for p in [*connector, *model.model.language_model.parameters(), *model.lm_head.parameters()]}.values())
     for p in llm:
         p.requires_grad_(True)
     seconds["FT"] = train(model, instructions, args.ft_steps, args.lr_ft, args.batch_size, llm, "FT", device)
