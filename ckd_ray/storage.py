@@ -64,6 +64,19 @@ def uri_scheme(uri: str) -> str:
     return scheme
 
 
+def scheme_problems(prefix: str, values: dict[str, str | None]) -> list[str]:
+    """`"<prefix>.<key>: <why>"` for each set value of `values` whose scheme `uri_scheme` refuses:
+    how a config section reports its URIs, every bad one at once."""
+    problems = []
+    for key, value in values.items():
+        if value is not None:
+            try:
+                uri_scheme(value)
+            except ValueError as err:
+                problems.append(f"{prefix}.{key}: {err}")
+    return problems
+
+
 def parse(uri: str | os.PathLike) -> Location:
     uri = str(uri)
     scheme = uri_scheme(uri)

@@ -320,6 +320,14 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def random_preset_models():
+    """The `models:` section that puts every role of a config extending configs/tiny_cascade.yaml
+    (composed from pretrained parts, which a fresh clone has not built) back on the random-weight
+    presets: the tests of the machinery need neither the parts nor their minutes."""
+    return {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")}
+
+
+@pytest.fixture(scope="session")
 def kvqa_dir(tmp_path_factory):
     """The bundled digits knowledge-VQA benchmark, built once per session."""
     from ckd_ray.data.kvqa import build_kvqa

@@ -88,14 +88,13 @@ def _manifest(run: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path):
+def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path, random_preset_models):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({
         "extends": str(REPO / "configs" / "tiny_cascade.yaml"),
         "name": "resume",
         "data": {"benchmark_root": str(kvqa_dir)},
-        # The machinery under test, on the random presets (the pretrained parts are the quickstart's).
-        "models": {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")},
+        "models": random_preset_models,
         "storage": {"root": str(tmp_path / "runs")},
         "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT", "DFT"]}]},
         # DFT's teacher pass runs while SFT trains: the kill and the resume cover that path too.

@@ -72,7 +72,7 @@ print("ROWS", sum(len(b["input_ids"]) for b in student.dataset.iter_batches(batc
 """
 
 
-def test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined(kvqa_dir, tmp_path, free_ports):
+def test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined(kvqa_dir, tmp_path, free_ports, random_preset_models):
     """A head killed without `ray stop` leaves Ray's address file naming it. Ray's implicit
     `ray.init()` retries that dead address for minutes; the package never relies on it: a library
     call with no Ray connected says so at once, `connect_ray` starts a Ray of its own, and a short
@@ -101,8 +101,7 @@ def test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined(kvqa_di
             "extends": str(REPO / "configs" / "tiny_cascade.yaml"),
             "name": "stale",
             "data": {"benchmark_root": str(kvqa_dir)},
-        # The machinery under test, on the random presets (the pretrained parts are the quickstart's).
-        "models": {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")},
+        "models": random_preset_models,
             "storage": {"root": str(tmp_path / "runs")},
             "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT"]}]},
             "trainer": {"max_steps": 2, "micro_batch_size": 4, "num_workers": 1, "report_every": 1, "checkpoint_every": 2},

@@ -144,7 +144,8 @@ def test_vocabulary_alignment():
         shared_vocab_size(1000, 151936, student_fingerprint="a", teacher_fingerprint="a", tokenizer_len=151665)
 
 
-# A user's first lines, in an isolated interpreter that imports transformers, torch and PIL only.
+# A user's first lines, in an isolated interpreter that imports transformers, torch and PIL only
+# (`python -I -c USER_CHECK <folder> <json [[image path, question], ...]>`; tests/test_train.py too).
 USER_CHECK = r"""
 import json, sys
 import torch
@@ -165,12 +166,14 @@ for image_path, question in samples:
         output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
     piped = pipe(text=chat, return_full_text=False, generate_kwargs={"max_new_tokens": 8, "do_sample": False})
+    new_tokens = output[0, inputs["input_ids"].shape[1]:]
     results.append({
         "prompt": prompt,
         "tokenizer_prompt": processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
         "input_ids": inputs["input_ids"][0].tolist(),
         "pixel_values": inputs["pixel_values"][0].tolist(),
-        "answer": processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
+        "new_tokens": new_tokens.tolist(),
+        "answer": processor.decode(new_tokens, skip_special_tokens=True).strip(),
         "pipeline": piped[0]["generated_text"].strip(),
     })
 print(json.dumps({

@@ -311,41 +311,14 @@ def assert_same_student(result, reference):
     assert result.metrics["val_loss"] == reference.metrics["val_loss"]
 
 
-EXPORT_CHECK = r"""
-import json, sys
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
-
-model_dir, image_path, question = sys.argv[1:4]
-processor = AutoProcessor.from_pretrained(model_dir)
-model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-image = Image.open(image_path)
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=image, text=prompt, return_tensors="pt")
-with torch.no_grad():
-    output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
-chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-piped = pipeline("image-text-to-text", model=model_dir)(text=chat, return_full_text=False,
-                                                         generate_kwargs={"max_new_tokens": 8, "do_sample": False})
-print(json.dumps({"new_tokens": new_tokens, "text": processor.decode(new_tokens, skip_special_tokens=True).strip(),
-                  "pipeline": piped[0]["generated_text"].strip(), "input_ids": inputs["input_ids"][0].tolist(),
-                  "ckd_ray_imported": any(name.split(".")[0] == "ckd_ray" for name in sys.modules)}))
-"""
-
-
 def test_exported_student_answers_with_transformers_alone(trained, kvqa_dir, tmp_path):
     """The exported step model, used as a user does (AutoProcessor, generate, the pipeline; no
     ckd_ray), reads the benchmark row's tokens and answers what the project's evaluation answers."""
-    import numpy as np
     from transformers import AutoTokenizer
 
-    from ckd_ray.data.preprocess import InputLimits, preprocess_rows
-    from ckd_ray.data.processor import Processor
     from ckd_ray.evaluate.generate import generate_answers, prompt_of
     from ckd_ray.models import load_model, num_image_tokens
+    from test_models import USER_CHECK, benchmark_rows
 
     result = trained("DFT")
     files = set(os.listdir(result.model_uri))
@@ -355,22 +328,20 @@ def test_exported_student_answers_with_transformers_alone(trained, kvqa_dir, tmp
     question = record["conversations"][0]["value"].removeprefix("<image>\n")
     # -I: isolated interpreter (no PYTHONPATH, no user site, not started in the repo)
     completed = subprocess.run(
-        [sys.executable, "-I", "-c", EXPORT_CHECK, result.model_uri, str(kvqa_dir / "images" / record["image"]), question],
+        [sys.executable, "-I", "-c", USER_CHECK, result.model_uri, json.dumps([[str(kvqa_dir / "images" / record["image"]), question]])],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    answer = json.loads(completed.stdout.strip().splitlines()[-1])
+    user = json.loads(completed.stdout.strip().splitlines()[-1])
+    (answer,) = user["results"]
     assert len(answer["new_tokens"]) > 0
-    assert answer["ckd_ray_imported"] is False
+    assert user["ckd_ray_imported"] is False
 
     model = load_model(result.model_uri)
-    raw = {"source": np.array(["test"], dtype=object), "ordinal": np.arange(1), "record": np.array([json.dumps(record).encode()], dtype=object),
-           "image": np.array([(kvqa_dir / "images" / record["image"]).read_bytes()], dtype=object), "read_error": np.array([""], dtype=object)}
-    columns, _, _ = preprocess_rows(raw, Processor.load(kvqa_dir / "processor", num_image_tokens(model.config)), InputLimits())
-    row = {name: values[0] for name, values in columns.items()}
+    (row,) = benchmark_rows(kvqa_dir, [record], num_image_tokens(model.config))
     assert answer["input_ids"] == prompt_of(row).tolist() and answer["input_ids"].count(4) == num_image_tokens(model.config) == 16
     evaluated = generate_answers(model, AutoTokenizer.from_pretrained(result.model_uri), [row], max_new_tokens=8)
-    assert [answer["text"]] == [answer["pipeline"]] == evaluated
+    assert [answer["answer"]] == [answer["pipeline"]] == evaluated
 
 
 def test_worker_group_asks_for_the_configured_custom_resources(ray_local, tmp_path):

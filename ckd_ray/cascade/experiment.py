@@ -269,10 +269,10 @@ def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict
     for run in experiment.runs:
         row = rows[run.name]
         cells = " | ".join(_cell([s.get(m, 0.0) for s in row.scores]) for m in TABLE_METRICS)
-        average = mean(headline(s) for s in row.scores) if row.scores else 0.0
+        mean_headline = mean(headline(s) for s in row.scores) if row.scores else 0.0
         steps = f"{mean(row.steps):.0f}" if row.steps else "-"
         samples = f"{mean(row.samples):,.0f}" if row.samples else "-"
-        lines.append(f"| {run.method or run.plan} | {STAGES[run.plan]} | {steps} | {samples} | {cells} | {_preservation(average, teacher)} |")
+        lines.append(f"| {run.method or run.plan} | {STAGES[run.plan]} | {steps} | {samples} | {cells} | {_preservation(mean_headline, teacher)} |")
     if comparisons:
         lines += ["", "## The papers' claims (paired bootstrap over test samples)", "",
                   "Difference in the headline `grounded` (A - B), mean over seeds; interval: 95% paired bootstrap (the same "
@@ -285,8 +285,8 @@ def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict
     if stage_rows:
         lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | grounded | preservation |", "|---|---|---|---|"]
         for name, scores in stage_rows.items():
-            average = mean(headline(s) for s in scores)
-            lines.append(f"| {name} | {_cell([s['accuracy'] for s in scores])} | {_cell([headline(s) for s in scores])} | {_preservation(average, teacher)} |")
+            headlines = [headline(s) for s in scores]
+            lines.append(f"| {name} | {_cell([s['accuracy'] for s in scores])} | {_cell(headlines)} | {_preservation(mean(headlines), teacher)} |")
     if len(seeds) > 1:
         for k, seed in enumerate(seeds):
             lines += ["", f"## Seed {seed}", "", "| method | " + " | ".join(TABLE_METRICS) + " |", "|---|" + "---:|" * len(TABLE_METRICS)]

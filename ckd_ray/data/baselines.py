@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from ckd_ray import storage
 
 BASELINES_FILE = "baselines.json"
-BASELINE_NAMES = ("chance", "majority", "question_only")
+# The field of an evaluation record (and row) that holds each baseline's answer (chance: its expected accuracy).
+BASELINE_FIELDS = {"question_only": "baseline_question_only", "majority": "baseline_majority", "chance": "baseline_chance"}
 _NUMBER_WORDS = "zero|one|two|three|four|five|six|seven|eight|nine|ten"
 _COLOURS = "black|red|green|blue"
 _HIDDEN = re.compile(rf"\b(\d+|{_NUMBER_WORDS}|{_COLOURS})\b", re.IGNORECASE)
@@ -95,14 +96,10 @@ class TextAnswerers:
         return {"by_text": self.by_text, "by_template": self.by_template, "by_type": self.by_type,
                 "answers_by_template": self.answers_by_template}
 
-    @classmethod
-    def from_json(cls, data: dict) -> "TextAnswerers":
-        return cls(**{key: dict(data[key]) for key in ("by_text", "by_template", "by_type", "answers_by_template")})
-
     def answers(self, record: dict) -> dict:
         """This record's baseline answers, under the field names evaluation records carry them."""
-        return {"baseline_question_only": self.question_only(record), "baseline_majority": self.majority(record),
-                "baseline_chance": self.chance(record)}
+        return {BASELINE_FIELDS["question_only"]: self.question_only(record), BASELINE_FIELDS["majority"]: self.majority(record),
+                BASELINE_FIELDS["chance"]: self.chance(record)}
 
     def save(self, uri: str, records: Iterable[dict], check: dict | None = None) -> None:
         """Writes the answerers, and each of `records`' baseline answers by record id (the held-out

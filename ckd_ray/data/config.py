@@ -90,14 +90,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check_sources(self) -> "DataConfig":
-        problems: list[str] = []
-        for uri_field in ("benchmark_root", "processor"):
-            value = getattr(self, uri_field)
-            if value is not None:
-                try:
-                    storage.uri_scheme(value)
-                except ValueError as err:
-                    problems.append(f"data.{uri_field}: {err}")
+        problems = storage.scheme_problems("data", {"benchmark_root": self.benchmark_root, "processor": self.processor})
         if self.benchmark_root is None:
             for kind in ("captions", "instructions"):
                 if not getattr(self, kind):
@@ -122,13 +115,7 @@ class DataConfig(Section):
                         f"{field}.image_root is set but {field}.format is parquet (images are in the rows): "
                         "remove image_root, or set format: llava_json"
                     )
-                for uri_field in ("uri", "image_root"):
-                    value = getattr(source, uri_field)
-                    if value is not None:
-                        try:
-                            storage.uri_scheme(value)
-                        except ValueError as err:
-                            problems.append(f"{field}.{uri_field}: {err}")
+                problems += storage.scheme_problems(field, {"uri": source.uri, "image_root": source.image_root})
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -80,14 +80,8 @@ class EvaluationSourceConfig(Section):
         if self.image_root is not None and parquet:
             problems.append(f"{field}.image_root is set but {storage.redact(self.uri)} is read as Parquet (images in the "
                             "rows): remove image_root, or point uri at a .json/.jsonl file")
-        for key in ("uri", "image_root", "annotations"):
-            value = getattr(self, key)
-            if value is not None:
-                try:
-                    storage.uri_scheme(value)
-                except ValueError as err:
-                    problems.append(f"{field}.{key}: {err}")
-        return problems
+        return problems + storage.scheme_problems(field, {"uri": self.uri, "image_root": self.image_root,
+                                                          "annotations": self.annotations})
 
 
 class EvaluationConfig(Section):

@@ -9,6 +9,8 @@ import string
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from ckd_ray.data.baselines import BASELINE_FIELDS
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
@@ -81,7 +83,6 @@ def pope_average_f1(by_split: dict[str, tuple[Sequence[str], Sequence[str]]]) ->
 
 QUESTION_TYPES = ("open", "yes_no", "multiple_choice")
 TYPE_ACCURACY = {"open": "open_em", "yes_no": "yes_no_acc", "multiple_choice": "mc_acc"}
-BASELINE_FIELDS = {"question_only": "baseline_question_only", "majority": "baseline_majority", "chance": "baseline_chance"}
 
 
 def score_records(records: Iterable[dict]) -> dict[str, float]:

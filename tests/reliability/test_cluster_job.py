@@ -45,7 +45,8 @@ def _files_holding(root: Path, needle: str) -> list[str]:
     return found
 
 
-def test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials(ray_cluster, authenticated_s3, kvqa_dir, tmp_path):
+def test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials(ray_cluster, authenticated_s3, kvqa_dir, tmp_path,
+                                                                             random_preset_models):
     s3 = authenticated_s3
     ray_cluster.env.update(s3.env())  # the nodes' processes, the job among them, inherit the credentials
     address = ray_cluster.start_head(num_cpus=8, resources={"student_node": 4})  # as the README starts it, plus a label
@@ -57,7 +58,7 @@ def test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials(ray_c
         "extends": str(REPO / "configs" / "tiny_cascade.yaml"),
         "name": "submitted",
         "data": {"benchmark_root": str(kvqa_dir)},
-        "models": {role: {"preset": f"tiny-{role}", "path": None, "prepare": None} for role in ("student", "ta", "teacher")},
+        "models": random_preset_models,
         "storage": {"root": str(runs), "signal_cache": cache},
         # One distillation step: a teacher pass on the teacher node, then the student's worker group.
         "cascade": {"plan": None, "prepare_teachers": False, "stages": [{"teacher": "teacher", "steps": ["DFT"]}]},
