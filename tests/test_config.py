@@ -239,3 +239,26 @@ def test_cli_check_lists_the_plan_with_teacher_preparation():
     assert result.exit_code == 0, result.output
     assert ("plan bottom_up: prepare-ta[PT,FT], prepare-teacher[PT,FT], ta->student[DPT,SFT,DFT], "
             "teacher->student[DPT,SFT,DFT]") in result.output
+
+
+def test_cli_check_reads_an_experiment_as_the_experiment_command_does(tmp_path):
+    """`config check` on an experiment checks every row as a job (it used to read the experiment as
+    a job and crash on the missing `data` section)."""
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    result = CliRunner().invoke(main, ["config", "check", str(CONFIGS / "kvqa_table.yaml")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("OK: experiment 'kvqa-table'") and "llava-ckd[bottom_up]" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"kind": "experiment", "name": "x", "base": str(CONFIGS / "tiny_cascade.yaml"),
+                                   "runs": [{"name": "a", "plan": "no_such_plan"}]}))
+    result = CliRunner().invoke(main, ["config", "check", str(bad)])
+    assert result.exit_code == 2 and "runs.0.plan" in result.output and "Traceback" not in result.output
+
+
+def test_a_job_missing_a_required_section_is_one_problem_not_a_crash():
+    with pytest.raises(ConfigError) as raised:
+        validate_config({"name": "x", "models": {"student": {"preset": "tiny-student"}}, "seed": 0})
+    assert [p.field for p in raised.value.problems] == ["data"]

@@ -22,6 +22,8 @@ from ckd_ray.data.sources import catalog_source, plan_reads, read_task_rows
 from ckd_ray.evaluate.scoring import pope_average_f1, vqa_soft_accuracy
 from ckd_ray.evaluate.sets import evaluation_sets
 
+REPO = Path(__file__).resolve().parents[1]
+
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 POPE_LABELS = {"random": ["yes", "no"], "popular": ["no", "yes"], "adversarial": ["yes", "yes"]}
@@ -280,9 +282,10 @@ def test_an_evaluation_that_selects_nothing_is_refused_before_ray_starts(sets, t
     assert found["evaluation.sources[2].split"].fix == "use one of the splits it has: test, train"
     assert found["evaluation.sources[3].uri"].message == f"{sets['pope'] / 'coco_pope_popular.json'} holds no questions"
 
-    # Without evaluation.sources: the instruction data's evaluation.split, here one no record has.
+    # Without evaluation.sources: the instruction data's evaluation.split, here one no record has
+    # (the training reads split train, so the config alone cannot tell).
     raw = job_with([], tmp_path, captions=[{"uri": str(unlabeled), "image_root": str(sets["coco"])}],
-                   instructions=[{"uri": str(unlabeled), "image_root": str(sets["coco"])}])
+                   instructions=[{"uri": str(unlabeled), "image_root": str(sets["coco"]), "split": "train"}])
     job = validate_config(raw)
 
     def no_ray(*args, **kwargs):
@@ -295,6 +298,36 @@ def test_an_evaluation_that_selects_nothing_is_refused_before_ray_starts(sets, t
     assert problem.field == "evaluation.split"
     assert problem.message == f"no record of the instruction source 'llava_instruct.json' ({unlabeled}) has split 'test'"
     assert "list evaluation.sources" in problem.fix
+
+
+def test_config_check_refuses_an_evaluation_of_a_split_the_training_data_cannot_hold_apart(tmp_path):
+    """No evaluation.sources while the job trains on every record of its instruction sources: the
+    held-out split is empty (LLaVA-1.5 records have no split key) or the training data itself."""
+    import yaml
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    raw = job_with([], tmp_path)
+    with pytest.raises(ConfigError) as raised:
+        validate_config(raw)
+    (problem,) = raised.value.problems
+    assert problem.field == "evaluation.sources"
+    assert "split 'test' would be scored" in problem.message and "no `split` on any source" in problem.message
+    assert "evaluation.sources" in problem.fix and "split: train" in problem.fix
+    # Either fix is accepted: a split on the training source, or sets apart from it.
+    train_source = {**raw["data"]["instructions"][0], "split": "train"}
+    validate_config({**raw, "data": {**raw["data"], "instructions": [train_source]}})
+    validate_config(job_with([{"format": "llava", "uri": str(tmp_path / "train" / "instructions.json"),
+                               "image_root": str(tmp_path / "train")}], tmp_path))
+
+    # The paper config with its evaluation sets removed, through the command a user runs.
+    result = CliRunner().invoke(main, ["config", "check", str(REPO / "configs" / "llava_ckd_0.5b.yaml"),
+                                       "--set", "evaluation.sources=[]"])
+    assert result.exit_code == 2, result.output
+    assert "evaluation.sources: is empty" in result.output
+    ok = CliRunner().invoke(main, ["config", "check", str(REPO / "configs" / "llava_ckd_0.5b.yaml")])
+    assert ok.exit_code == 0 and ok.output.startswith("OK"), ok.output
 
 
 def test_ckd_ray_eval_prints_the_problem_and_exits_2_before_ray_starts(sets, tmp_path, monkeypatch):

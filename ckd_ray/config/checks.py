@@ -32,7 +32,29 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
         problems += model_folder_problems(config)
     if ok("tune", "cascade"):
         problems += _check_tune(config)
+    if ok("data", "evaluation"):
+        problems += _check_evaluation(config)
     return problems
+
+
+def _check_evaluation(config: JobConfig) -> list[Problem]:
+    """An evaluation that can only select nothing or the training data: no `evaluation.sources`, so
+    the held-out `evaluation.split` of the instruction data is scored, while the job lists its own
+    instruction sources and trains on every record of each (no `split` on any). LLaVA-1.5's
+    instruction data has no `split` key, so its `test` split is empty; data that has one would be
+    scored on the very records the student trained on. Whether a source's records carry splits is
+    read when the job starts (`ckd_ray.evaluate.sets`); this is the part a config shows."""
+    data = config.data
+    if config.evaluation.sources or not data.instructions or any(s.split for s in data.instructions):
+        return []
+    return [Problem(
+        "evaluation.sources",
+        f"is empty, so the instruction data's split {config.evaluation.split!r} would be scored, but the job trains on "
+        "every record of data.instructions (no `split` on any source): that selects nothing (LLaVA-1.5's data has no "
+        "`split` key) or the training records themselves",
+        "list evaluation sets apart from the training data under evaluation.sources (format pope, scienceqa, vqav2 "
+        "or llava; see configs/llava_ckd_0.5b.yaml), or set `split: train` on each data.instructions source so a held-out split remains",
+    )]
 
 
 def _stages(config: JobConfig):

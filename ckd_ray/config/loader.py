@@ -159,7 +159,8 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
     else:
         # Cross-section checks still run on the sections that did validate.
         partial = JobConfig.model_construct(**{**_defaults(), **sections})
-        problems += check_consistency(partial, valid_sections=set(sections) | (set(fields) - set(raw)))
+        defaulted = {n for n, f in fields.items() if n not in raw and not f.is_required()}  # a missing required one is not valid
+        problems += check_consistency(partial, valid_sections=set(sections) | defaulted)
     raise ConfigError(problems, source)
 
 

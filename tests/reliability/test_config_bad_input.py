@@ -171,7 +171,7 @@ def test_missing_local_inputs_are_named_before_anything_starts(tmp_path, kvqa_di
     assert "is a file, not a folder" in found["storage.root"]
     assert check_storage(validate_config(job(data={"benchmark_root": str(kvqa_dir)}, storage={"root": str(tmp_path / "new")}))) == []
 
-    source = {"uri": str(tmp_path / "none.json"), "image_root": str(tmp_path / "no-images")}
+    source = {"uri": str(tmp_path / "none.json"), "image_root": str(tmp_path / "no-images"), "split": "train"}
     config = validate_config(job(data={"captions": [source], "instructions": [source]}))
     fields = sorted(p.field for p in check_storage(config))
     assert fields == ["data.captions[0].image_root", "data.captions[0].uri", "data.instructions[0].image_root",
@@ -181,7 +181,8 @@ def test_missing_local_inputs_are_named_before_anything_starts(tmp_path, kvqa_di
 def test_an_s3_bucket_that_does_not_exist(s3_bucket, kvqa_dir):
     storage.write_bytes(f"s3://{s3_bucket}/in/instructions.json", b"[]")
     config = validate_config(job(
-        data={"benchmark_root": str(kvqa_dir), "instructions": [{"uri": f"s3://{s3_bucket}/in/none.json", "image_root": f"s3://{s3_bucket}/in"}]},
+        data={"benchmark_root": str(kvqa_dir), "instructions": [{"uri": f"s3://{s3_bucket}/in/none.json", "image_root": f"s3://{s3_bucket}/in",
+                                                                 "split": "train"}]},
         storage={"root": "s3://ckd-no-such-bucket/runs", "signal_cache": "s3://ckd-no-such-bucket/cache"},
     ))
     found = {p.field: str(p) for p in check_storage(config)}
