@@ -63,6 +63,20 @@ def test_teacher_preparation_steps_carry_their_own_budget():
     assert all(s.step.max_steps is None for s in steps[2:])  # the student's stages keep trainer.max_steps
 
 
+def test_the_student_alone_control_mirrors_the_student_steps_without_a_teacher():
+    steps = build_plan(job("bottom_up", student_alone=True, prepare_teachers=False))
+    distilled, control = steps[:6], steps[6:]
+    assert [(s.learner, s.kind) for s in control] == [("student_alone", k) for k in ("PT", "SFT", "FT", "PT", "SFT", "FT")]
+    assert all(s.teacher is None and s.loss.weights.active() == ["task"] for s in control)
+    assert {s.stage.label for s in control} == {"student-alone"} and {s.stage_index for s in control} == {2}
+    # Same data kind, budget and learning rate as the student step it mirrors.
+    assert [s.data_kind for s in control] == [s.data_kind for s in distilled]
+    trainer_lr = job("bottom_up").trainer.lr
+    assert [s.step.lr for s in control] == [trainer_lr[s.kind] for s in distilled]
+    with pytest.raises(Exception, match="different hop levels"):
+        job("progressive", student_alone=True)
+
+
 def test_experiment_table_shows_mean_and_spread_and_leaves_preservation_undefined_for_a_teacher_scoring_zero():
     from ckd_ray.cascade.experiment import TABLE_METRICS, ExperimentConfig, _Row, _table
 
@@ -96,7 +110,8 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path, random
         "data": {"benchmark_root": str(kvqa_dir)},
         "models": random_preset_models,
         "storage": {"root": str(tmp_path / "runs")},
-        "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT", "DFT"]}]},
+        "cascade": {"prepare_teachers": False, "plan": None, "stages": [{"teacher": "teacher", "steps": ["SFT", "DFT"]}],
+                    "student_alone": True},  # the control (SFT, FT from the same initial student) after the stage
         # DFT's teacher pass runs while SFT trains: the kill and the resume cover that path too.
         "teacher_pool": {"overlap_training": True},
         "trainer": {"max_steps": 8, "micro_batch_size": 4, "num_workers": 1, "report_every": 1, "checkpoint_every": 2},
@@ -129,10 +144,14 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path, random
     assert "00-s1-teacher_to_student-SFT: done in an earlier run, skipped" in output
     assert "resum" in output.lower()  # the DFT step picked up its checkpoint
     manifest = _manifest(run)
-    assert [e["status"] for e in manifest["steps"].values()] == ["done", "done"]
+    assert [e["status"] for e in manifest["steps"].values()] == ["done"] * 4
     assert manifest["steps"]["01-s1-teacher_to_student-DFT"]["metrics"]["step"] == 8
+    assert list(manifest["steps"])[2:] == ["02-student-alone-SFT", "03-student-alone-FT"]
+    assert manifest["roles"]["student"].endswith("01-s1-teacher_to_student-DFT/model")  # the control does not move the student
+    assert manifest["roles"]["student_alone"].endswith("03-student-alone-FT/model")
     report = (run / "report.md").read_text()
     assert "loss_terms.png" in report and (run / "loss_terms.png").exists()
+    assert "| student-alone (student_alone) |" in report
     # The scores stand beside the no-model baselines on the same samples, headline first.
     for row in ("| baseline: chance |", "| baseline: majority per type |", "| baseline: question-only |", "| checkpoint | grounded | margin |"):
         assert row in report, report

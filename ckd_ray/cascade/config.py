@@ -15,6 +15,10 @@ FreezePolicy = Literal["connector", "connector+llm"]
 STEP_FREEZE: dict[str, FreezePolicy] = {"PT": "connector", "FT": "connector+llm", "DPT": "connector", "SFT": "connector+llm", "DFT": "connector+llm"}
 DISTILLATION_STEPS = ("DPT", "DFT")
 CAPTION_STEPS = ("PT", "DPT")
+# The student-alone control: the learner role it trains (a copy of the student's initial
+# checkpoint) and the step each student step becomes without a teacher.
+CONTROL_ROLE = "student_alone"
+ALONE_KIND = {"DPT": "PT", "DFT": "FT"}
 
 
 def _bare_step_names(value: Any) -> Any:
@@ -89,6 +93,12 @@ class CascadeConfig(Section):
     `{kind: FT, max_steps: 300}`: a teacher usually needs more steps than the student's stages)."""
     stages: list[StageConfig] = Field(default_factory=list)
     """Stages in order; the learner's checkpoint is handed from each stage to the next."""
+    student_alone: bool = False
+    """Also train the control the papers compare with: the student alone, from the same initial
+    checkpoint, through the same steps as the plan's student steps with every teacher term
+    removed (DPT becomes PT, DFT becomes FT, with the same budgets and learning rates), after the
+    plan; it is scored as the `student-alone` row of the report, so the distilled students stand
+    beside a student trained on the same optimizer steps without a teacher."""
 
     @field_validator("teacher_prep_steps", mode="before")
     @classmethod
@@ -104,6 +114,18 @@ class CascadeConfig(Section):
     def resolved_stages(self) -> list[StageConfig]:
         """The stages to run: the listed ones, or the named plan's."""
         return self.stages if not self.plan else plan_stages(self.plan)
+
+    def control_stage(self, lr: dict[str, float]) -> StageConfig | None:
+        """The student-alone control (`student_alone`), or None: one stage, learner
+        `CONTROL_ROLE`, whose steps mirror the student steps of every stage without a teacher,
+        each at the learning rate the student step has (`lr`: trainer.lr, per step kind)."""
+        if not self.student_alone:
+            return None
+        student = [stage for stage in self.resolved_stages() if stage.learner == "student"]
+        steps = [step.model_copy(update={"kind": ALONE_KIND.get(step.kind, step.kind), "loss": None, "lr": step.lr or lr[step.kind]})
+                 for stage in student for step in stage.steps]
+        hops = student[0].hop_levels if student else None
+        return StageConfig(name="student-alone", learner=CONTROL_ROLE, teacher=None, steps=steps, hop_levels=hops)
 
 
 def default_weights(kind: str):

@@ -124,7 +124,8 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
     raw = _apply(raw, experiment.command_overrides)
     raw["name"] = f"{experiment.name}-{run.name}-s{seed}"
     raw["seed"] = seed
-    raw["cascade"] = {**raw.get("cascade", {}), "plan": run.plan, "prepare_teachers": False}
+    # A row's own control is the table's student-alone row, not a second run inside every row.
+    raw["cascade"] = {**raw.get("cascade", {}), "plan": run.plan, "prepare_teachers": False, "student_alone": False}
     raw["cascade"].pop("stages", None)
     models = dict(raw.get("models", {}))
     for role, uri in teachers.items():

@@ -76,7 +76,11 @@ def build_plan(job: JobConfig) -> list[PlannedStep]:
         prep = StageConfig(name=f"prepare-{role}", learner=role, teacher=None, steps=list(job.cascade.teacher_prep_steps))
         for step in prep.steps:
             add(-1, prep, step, prep.label)
-    for i, stage in enumerate(job.cascade.resolved_stages()):
+    stages = job.cascade.resolved_stages()
+    for i, stage in enumerate(stages):
         for step in stage.steps:
             add(i, stage, step, f"s{i + 1}-{stage.label}")
+    control = job.cascade.control_stage(job.trainer.lr)
+    for step in control.steps if control else ():
+        add(len(stages), control, step, control.label)  # after the stages: tune searches never reach it
     return steps

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ckd_ray import storage
+from ckd_ray.cascade.config import CONTROL_ROLE
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
@@ -270,6 +271,8 @@ def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str,
             storage.upload_dir(tmp, uri)
         manifest.roles[role] = uri
         log(f"[cascade] built {spec.preset} for role {role!r} -> {uri}")
+    if job.cascade.student_alone and CONTROL_ROLE not in manifest.roles:
+        manifest.roles[CONTROL_ROLE] = manifest.roles["student"]  # the control starts where the student does
     manifest.save()
 
 

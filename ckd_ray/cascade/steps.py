@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import DISTILLATION_STEPS, STEP_FREEZE, StageConfig, StepConfig, effective_loss
+from ckd_ray.cascade.config import CONTROL_ROLE, DISTILLATION_STEPS, STEP_FREEZE, StageConfig, StepConfig, effective_loss
 from ckd_ray.config.job import JobConfig
 from ckd_ray.models.presets import PRESETS
 from ckd_ray.train.engine import OptimizerPlan, warmup_steps_for
@@ -77,7 +77,7 @@ def plan_step(
             f"micro-batch {trainer.micro_batch_size}, grad_accum {trainer.grad_accum}, {epochs} epochs; "
             "add data, or lower trainer.grad_accum / trainer.micro_batch_size"
         )
-    learner = job.models[stage.learner]
+    learner = job.models["student" if stage.learner == CONTROL_ROLE else stage.learner]
     return StepPlan(
         step_id=step_id or label,
         label=label,

@@ -32,9 +32,29 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
         problems += model_folder_problems(config)
     if ok("tune", "cascade"):
         problems += _check_tune(config)
+    if ok("models", "cascade"):
+        problems += _check_control(config)
     if ok("data", "evaluation"):
         problems += _check_evaluation(config)
     return problems
+
+
+def _check_control(config: JobConfig) -> list[Problem]:
+    """`cascade.student_alone` mirrors the student's steps: there must be some, on one set of hop levels."""
+    from ckd_ray.cascade.config import CONTROL_ROLE
+
+    if not config.cascade.student_alone:
+        return []
+    field = "cascade.student_alone"
+    if CONTROL_ROLE in config.models:
+        return [Problem(f"models.{CONTROL_ROLE}", f"is the role {field} trains", "rename that role")]
+    student = [stage for stage in config.cascade.resolved_stages() if stage.learner == "student"]
+    if "student" not in config.models or not student:
+        return [Problem(field, "the plan has no student steps to mirror", "remove student_alone, or add stages whose learner is student")]
+    if len({tuple(stage.hop_levels or ()) for stage in student}) > 1:
+        return [Problem(field, "the student's stages train on different hop levels (a curriculum), which one control stage cannot mirror",
+                        "remove student_alone and compare with the experiment's student_only row (ckd-ray experiment)")]
+    return []
 
 
 def _check_evaluation(config: JobConfig) -> list[Problem]:
