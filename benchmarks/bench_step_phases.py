@@ -1,5 +1,7 @@
 """Where a cascade's wall clock goes: the phases of every step of a run, side by side, and the
-compute share (time in optimizer steps over the steps' wall time).
+compute share (time in optimizer steps over the steps' wall time; the run report's lines follow,
+with the share over the command's wall time from Ray start to the report, the headline, and the
+training done beside a running teacher pass).
 
     python benchmarks/bench_step_phases.py                    # runs the quickstart cascade, then prints
     python benchmarks/bench_step_phases.py --run runs/NAME    # prints an existing run's breakdown
@@ -61,6 +63,10 @@ def main() -> None:
     manifest = json.loads((run / "manifest.json").read_text())
     print(f"\nrun: {run}\n")
     print(breakdown(manifest))
+    report = run / "report.md"
+    if report.exists():  # the shares as the run's command measured them (Ray start to report)
+        print("\n" + "\n".join(line for line in report.read_text().splitlines()
+                                if line.startswith(("compute share:", "training beside a running teacher pass:"))))
 
 
 if __name__ == "__main__":

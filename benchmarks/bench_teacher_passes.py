@@ -39,6 +39,37 @@ def prepare_student_segment(job, roles: dict, output: Path) -> tuple[float, list
     return wall, [step.teacher_pass["seconds"] for step in prepared if step.teacher_pass.get("seconds")]
 
 
+def compare(base, roles: dict, scratch: Path, *, repeats: int = 2, concurrent: int = 2, log=print) -> dict[int, list[tuple[float, list[float]]]]:
+    """On the Ray this process is connected to: the student's segment of `base` prepared `repeats`
+    times with `concurrent_passes` 1 and `concurrent`, alternating, each with a fresh signal cache;
+    per setting, each try's (wall seconds, each pass's seconds)."""
+    results: dict[int, list[tuple[float, list[float]]]] = {1: [], concurrent: []}
+    for repeat in range(repeats):
+        for setting in results:
+            folder = Path(scratch) / f"{setting}-{repeat}"
+            job = base.model_copy(deep=True)
+            job.teacher_pool.concurrent_passes = setting
+            job.storage.signal_cache = str(folder / "cache")
+            wall, passes = prepare_student_segment(job, roles, folder / "run")
+            results[setting].append((wall, passes))
+            log(f"concurrent_passes={setting} try {repeat + 1}: {wall:.1f} s for {len(passes)} passes "
+                f"({', '.join(f'{p:.1f}' for p in passes)} s each)")
+    return results
+
+
+def table(results: dict[int, list[tuple[float, list[float]]]]) -> list[str]:
+    """`compare`'s tries as a Markdown table (median, min-max), and the ratio of the second setting to one at a time."""
+    lines = ["| concurrent_passes | segment preparation s (median, min-max) | sum of the passes' own s (median) |", "|---|---|---|"]
+    medians = {}
+    for setting, tries in results.items():
+        walls = [wall for wall, _ in tries]
+        medians[setting] = statistics.median(walls)
+        lines.append(f"| {setting} | {medians[setting]:.1f} ({min(walls):.1f}-{max(walls):.1f}) | "
+                     f"{statistics.median(sum(passes) for _, passes in tries):.1f} |")
+    concurrent = list(results)[-1]
+    return lines + ["", f"concurrent / one at a time: {medians[concurrent] / medians[1]:.2f}x the wall time"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished run of the config (its manifest names the prepared teachers)")
@@ -56,29 +87,11 @@ def main() -> None:
     base = load_config(args.config)
     connect_ray(base.ray, log_to_driver=False)
     quiet_data_progress()
-    results: dict[int, list[tuple[float, list[float]]]] = {1: [], args.concurrent: []}
     with tempfile.TemporaryDirectory(prefix="bench-passes-") as scratch:
-        for repeat in range(args.repeats):
-            for setting in results:
-                folder = Path(scratch) / f"{setting}-{repeat}"
-                job = base.model_copy(deep=True)
-                job.teacher_pool.concurrent_passes = setting
-                job.storage.signal_cache = str(folder / "cache")
-                wall, passes = prepare_student_segment(job, roles, folder / "run")
-                results[setting].append((wall, passes))
-                print(f"concurrent_passes={setting} try {repeat + 1}: {wall:.1f} s for {len(passes)} passes "
-                      f"({', '.join(f'{p:.1f}' for p in passes)} s each)", flush=True)
+        results = compare(base, roles, Path(scratch), repeats=args.repeats, concurrent=args.concurrent,
+                          log=lambda line: print(line, flush=True))
     ray.shutdown()
-
-    print("\n| concurrent_passes | segment preparation s (median, min-max) | sum of the passes' own s (median) |")
-    print("|---|---|---|")
-    medians = {}
-    for setting, tries in results.items():
-        walls = [wall for wall, _ in tries]
-        medians[setting] = statistics.median(walls)
-        print(f"| {setting} | {medians[setting]:.1f} ({min(walls):.1f}-{max(walls):.1f}) | "
-              f"{statistics.median(sum(passes) for _, passes in tries):.1f} |")
-    print(f"\nconcurrent / one at a time: {medians[args.concurrent] / medians[1]:.2f}x the wall time")
+    print("\n" + "\n".join(table(results)))
 
 
 if __name__ == "__main__":

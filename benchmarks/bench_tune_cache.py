@@ -94,14 +94,19 @@ def main() -> None:
         rows = [run_variant(str(Path(args.benchmark_root).resolve()), root, variant, args.trials, args.steps) for variant in VARIANTS]
     ray.shutdown()
 
+    print("\n".join(table(rows, args.trials, args.steps)))
+
+
+def table(rows: list[dict], trials: int, steps: int) -> list[str]:
+    """`run_variant`'s rows as the Markdown table of RESULTS.md, walls against the first row's."""
     base = rows[0]["wall_s"]
-    print(f"\n{args.trials} trials x {args.steps} optimizer steps, tiny-teacher -> tiny-student, 1 Train worker\n")
-    print("| variant | trials (finished) | teacher passes | cache hits | driver teacher pass (s) | mean trial (s) | mean trial overhead beyond optimizer steps (s) | total wall (s) | wall / teacher-per-trial |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = ["", f"{trials} trials x {steps} optimizer steps, tiny-teacher -> tiny-student, 1 Train worker", "",
+             "| variant | trials (finished) | teacher passes | cache hits | driver teacher pass (s) | mean trial (s) | mean trial overhead beyond optimizer steps (s) | total wall (s) | wall / teacher-per-trial |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        print(f"| {r['variant']} | {r['trials']} ({r['finished']}) | {r['teacher_passes']} | {r['cache_hits']} | "
-              f"{r['driver_teacher_s']:.1f} | {r['trial_s']:.1f} | {r['overhead_s']:.1f} | {r['wall_s']:.1f} | {r['wall_s'] / base:.2f} |")
-    print("\nval_loss per trial:", {r["variant"]: r["val_loss"] for r in rows})
+        lines.append(f"| {r['variant']} | {r['trials']} ({r['finished']}) | {r['teacher_passes']} | {r['cache_hits']} | "
+                     f"{r['driver_teacher_s']:.1f} | {r['trial_s']:.1f} | {r['overhead_s']:.1f} | {r['wall_s']:.1f} | {r['wall_s'] / base:.2f} |")
+    return lines + ["", f"val_loss per trial: { {r['variant']: r['val_loss'] for r in rows} }"]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The teacher-pool benchmark's parts that can be wrong without failing loudly: the rate and
-ratio arithmetic of its table, and the co-resident baseline making the same signal as the pool."""
+ratio arithmetic of its table, the co-resident baseline making the same signal as the pool, and
+the whole matrix at its smallest size (every variant through the real worker groups, pools and
+cache, then its RESULTS section), so the command cannot rot between its runs."""
 
 from __future__ import annotations
 
@@ -75,3 +77,50 @@ def test_coresident_teacher_makes_the_pools_signal(ray_local, kvqa_dir, tmp_path
             np.testing.assert_allclose(made[name], pooled[name], rtol=0, atol=1e-4, err_msg=name)
     assert meter.samples == 8 and meter.signal_bytes == signal_nbytes(pooled)
     assert decoded.response_topk is not None and decoded.gram_BNN is not None
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_matrix_runs_every_variant_end_to_end_at_its_smallest_size(ray_local, kvqa_dir, tmp_path):
+    """`python -m benchmarks.pools` on the session's Ray at its smallest size: one teacher, one
+    optimizer step of one 2-sample micro-batch per run, one run per variant, one worker. Checks
+    the shape of what it measures and renders, not its figures."""
+    from benchmarks.pools.__main__ import run_cpu_matrix
+    from benchmarks.pools.matrix import CASCADE_NOTE, Scale
+    from benchmarks.pools.report import markers, render_section, write_section
+
+    scale = Scale(steps={"tiny-teacher": 1}, runs=1, gap_settings=False, micro_batch_size=2, num_workers=1)
+    figures = run_cpu_matrix(kvqa_dir, scale, workdir=str(tmp_path))
+    assert sorted((f.variant, f.note) for f in figures) == [("a", ""), ("a", CASCADE_NOTE), ("b", ""), ("c", ""), ("d", "")]
+    for f in figures:
+        assert f.teacher == "tiny-teacher" and f.samples == 2, f
+        assert f.train_s > 0 and f.peak_private_bytes > 0 and f.signal_bytes_per_sample > 0, f
+        assert (f.pass_s > 0) == (f.variant == "c"), f
+        assert f.actors_max >= (1 if f.variant in "bc" else 0), f  # a streamed or cached run had a teacher actor alive
+    section = render_section(figures, scale, command="python -m benchmarks.pools --smoke", wall_s=1.0,
+                             measured_at="today", machine_text="test")
+    for row in ("| a | tiny-teacher | 1 | 2 |", "| b | tiny-teacher | 1 | 2 |", "| c | tiny-teacher | 1 | 2 |",
+                "| d | tiny-teacher | 1 | 2 |", "student step (compute)", "teacher forward inside the step"):
+        assert row in section, (row, section)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    write_section(results, section)
+    write_section(results, section)  # rewritten in place, not appended twice
+    assert results.read_text().count(markers("cpu")[0]) == 1
+
+
+def test_the_gpu_matrix_refuses_without_cuda_and_plans_real_widths():
+    """`python -m benchmarks.pools --gpu` on a machine without CUDA (as CI's): exit code 2 and why,
+    before anything starts; and the plan it would run, at real widths on one GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.pools.gpu import GPU_STEPS, gpu_scale
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.pools", "--gpu"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA device is visible" in done.stderr, done.stderr[-2000:]
+    scale = gpu_scale(rehearsal=False, runs=3)
+    assert scale.steps == {"teacher-1.5b": GPU_STEPS} and scale.trainer["use_gpu"] and scale.trainer["resources"] == {"GPU": 0.5}
+    assert scale.teacher_pool["num_gpus"] == 0.5 and scale.model_dtype == "bfloat16"

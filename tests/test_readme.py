@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Budgets of the runs: 2 optimizer steps a step, 8 evaluation samples, 2 Tune trials of 2 steps.
-SHRINK = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "evaluation.max_samples=8"]
+# Budgets of the runs: 2 optimizer steps a step (teacher preparation too: its steps carry their own
+# budgets), 8 evaluation samples, 2 Tune trials of 2 steps.
+SHRINK = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "evaluation.max_samples=8", "cascade.teacher_prep_steps=[PT, FT]"]
 TUNE_SHRINK = [*SHRINK, "tune.num_samples=2", "tune.max_steps_per_trial=2"]
-EXPERIMENT_SHRINK = [*SHRINK, "cascade.teacher_prep_steps=[PT, FT]"]  # the table's teachers: 2 + 2 steps, not 120 + 240
+EXPERIMENT_SHRINK = SHRINK  # the table's teachers too: 2 + 2 steps
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class PythonBlock:
 JOB_SUBMIT = "tests/reliability/test_cluster_job.py::test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials"
 CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
     # Two commands
-    "bash scripts/quickstart.sh": Run(tuple(f"--set {s}" for s in SHRINK), expect=("report: ", "student: "),
+    "bash scripts/quickstart.sh": Run(tuple(f"--set {shlex.quote(s)}" for s in SHRINK), expect=("report: ", "student: "),
                                       files=("runs/tiny-cascade/report.md", "runs/tiny-cascade/step_phases.png")),
     "bash scripts/test.sh": Elsewhere(".ci/run", "it is this suite (CI runs it through .ci/run)"),
     "python: from ckd_ray import load_config, run_cascade": PythonBlock(tuple(SHRINK), expect=("runs/tiny-cascade/report.md",)),
@@ -70,14 +72,14 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
     ".venv/bin/ckd-ray config show configs/tiny_cascade.yaml": Run(expect=("name: tiny-cascade",)),
     # Commands
     "ckd-ray data build-kvqa data/kvqa": Run(files=("data/kvqa/instructions.json",)),
-    "ckd-ray cascade configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK), expect=("done in an earlier run, skipped",)),
-    "ckd-ray eval configs/tiny_cascade.yaml": Run(tuple(f"--set {s}" for s in SHRINK),
+    "ckd-ray cascade configs/tiny_cascade.yaml": Run(tuple(f"--set {shlex.quote(s)}" for s in SHRINK), expect=("done in an earlier run, skipped",)),
+    "ckd-ray eval configs/tiny_cascade.yaml": Run(tuple(f"--set {shlex.quote(s)}" for s in SHRINK),
                                                   expect=("scores: ", "| baseline: question-only |", "grounded")),
     "ckd-ray tune configs/tiny_tune.yaml [--run-best]": Run(
-        tuple(f"--set {s}" for s in TUNE_SHRINK), as_run="ckd-ray tune configs/tiny_tune.yaml --run-best",
+        tuple(f"--set {shlex.quote(s)}" for s in TUNE_SHRINK), as_run="ckd-ray tune configs/tiny_tune.yaml --run-best",
         expect=("best config",), files=("runs/tiny-tune/tune/best_config.yaml",)),
     "ckd-ray experiment configs/kvqa_table.yaml": Run(
-        tuple(f"--set '{s}'" for s in EXPERIMENT_SHRINK), expect=("table: ",), files=("runs/kvqa-table/table.md",)),
+        tuple(f"--set {shlex.quote(s)}" for s in EXPERIMENT_SHRINK), expect=("table: ",), files=("runs/kvqa-table/table.md",)),
     "ckd-ray models compose --llm DIR --vision DIR --out DIR": Elsewhere(
         "tests/test_models_compose.py::test_cli_compose_prints_the_summary_and_refuses_with_exit_code_2",
         "DIR stands for public checkpoints; the test composes tiny folders of the same layout"),
@@ -110,6 +112,13 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
      "--out models/qwen2.5-0.5b-siglip-b16-224"): Elsewhere("tests/test_models_compose.py", "needs the public checkpoints"),
     ("ckd-ray models compose --llm checkpoints/Qwen2.5-1.5B-Instruct --vision checkpoints/siglip-base-patch16-224  "
      "--out models/qwen2.5-1.5b-siglip-b16-224"): Elsewhere("tests/test_models_compose.py", "needs the public checkpoints"),
+    # What has never run on a GPU
+    "bash benchmarks/gpu_smoke.sh": Elsewhere(
+        "tests/test_benchmarks.py::test_gpu_smoke_refuses_without_cuda_and_its_dry_run_gives_the_real_shapes",
+        "needs CUDA: the test checks its refusal without it, and its whole path at tiny shapes on CPU"),
+    "python -m benchmarks.pools --gpu": Elsewhere(
+        "tests/test_bench_pools.py::test_the_gpu_matrix_refuses_without_cuda_and_plans_real_widths",
+        "needs CUDA: the test checks its refusal and plan; its matrix code runs in the CPU matrix's smoke test"),
     "ckd-ray config check configs/composed_quickstart.yaml": Elsewhere(
         "tests/test_models_compose.py::test_pair_checks_accept_padded_vocabularies_and_refuse_other_images_or_tokenizers",
         "its pair checks need the composed folders"),
@@ -163,6 +172,38 @@ def test_every_readme_command_has_a_check():
             assert (REPO / path).exists(), f"{command!r}: {path} does not exist"
             if function:
                 assert f"def {function}(" in (REPO / path).read_text(), f"{command!r}: {check.test} does not exist"
+
+
+def figures_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the README's Figures table, each as {column: cell}."""
+    section = text.split("\n## Figures\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_every_figures_row_names_its_command_date_and_commit():
+    """A figure without the command that printed it cannot be re-measured, nor checked against
+    what the command prints today; the date and commit say how old it is."""
+    rows = figures_rows((REPO / "README.md").read_text())
+    assert len(rows) >= 5 and set(rows[0]) == {"what", "command", "figure", "measured"}, rows[:1]
+    problems = []
+    for row in rows:
+        command = re.fullmatch(r"`([^`]+)`", row.get("command", ""))
+        if not command:
+            problems.append(f"{row['what']!r}: no command (one `command` in backticks)")
+            continue
+        words = command.group(1).split()
+        script = words[1] if words[0] in ("bash", "python") and words[1] != "-m" else None
+        if words[:2] == ["python", "-m"]:
+            script = words[2].replace(".", "/")
+        if script and not (REPO / script).exists() and not (REPO / f"{script}.py").exists():
+            problems.append(f"{row['what']!r}: {script} does not exist")
+        if not re.fullmatch(r"20\d\d-\d\d-\d\d, [0-9a-f]{7,40}", row.get("measured", "")):
+            problems.append(f"{row['what']!r}: measured {row.get('measured')!r} is not 'YYYY-MM-DD, <commit>'")
+        if not row.get("figure"):
+            problems.append(f"{row['what']!r}: no figure")
+    assert not problems, "README Figures rows:\n" + "\n".join(problems)
 
 
 def _fresh_copy(destination: Path) -> Path:

@@ -51,7 +51,6 @@ def main() -> int:
 
     import ray
 
-    from benchmarks.pools.matrix import PoolBenchmark, run_matrix
     from ckd_ray.cascade.runner import connect_ray, quiet_data_progress
     from ckd_ray.config.job import RayConfig
 
@@ -65,11 +64,7 @@ def main() -> int:
     started = time.perf_counter()
     connect_ray(RayConfig(num_cpus=8), log_to_driver=False)  # as `ckd-ray cascade` starts its local Ray
     quiet_data_progress()
-    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="ckd-pools-") as work:
-        bench = PoolBenchmark(Path(work), root, scale, log=lambda line: print(line, flush=True))
-        bench.build_models()
-        figures = run_matrix(bench)
-        bench.actors.stop()
+    figures = run_cpu_matrix(root, scale, workdir=args.workdir, log=lambda line: print(line, flush=True))
     ray.shutdown()
     command = ("python -m benchmarks.pools " + " ".join(sys.argv[1:])).strip()
     wall_s, measured_at, machine_text = time.perf_counter() - started, utc_now(), machine("no GPU")
@@ -79,6 +74,20 @@ def main() -> int:
                                                   "figures": [dataclasses.asdict(f) for f in figures]}, indent=1))
     section = render_section(figures, scale, command=command, wall_s=wall_s, measured_at=measured_at, machine_text=machine_text)
     return _finish(args, section)
+
+
+def run_cpu_matrix(root: Path, scale: Scale, *, workdir: str | None = None, log=print) -> list[RunFigures]:
+    """Every variant of the CPU matrix on the Ray this process is connected to, in a temporary
+    folder under `workdir` (model folders, caches, runs): the figures of the measured runs."""
+    from benchmarks.pools.matrix import PoolBenchmark, run_matrix
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="ckd-pools-") as work:
+        bench = PoolBenchmark(Path(work), root, scale, log=log)
+        try:
+            bench.build_models()
+            return run_matrix(bench)
+        finally:
+            bench.actors.stop()
 
 
 def _finish(args, section: str) -> int:

@@ -106,6 +106,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     `log_to_driver` as in `connect_ray`."""
     from ckd_ray.observability.metrics import CascadeMetrics
     from ckd_ray.report import write_report
+    from ckd_ray.report.markdown import command_share
 
     start = time.perf_counter()
     raise_storage_problems(job)
@@ -113,6 +114,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     run_uri = job.run_uri
     data = StepData(job, run_uri)
     data.evaluation_sets()  # an evaluation that selects nothing is refused now, not after the training
+    ray_started = time.perf_counter()  # the command's wall time for its compute share: Ray start to report
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
     manifest = Manifest.open(run_uri, job)
@@ -121,6 +123,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
     _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {p.teacher for p in plan if p.teacher} | {"student"})
     histories: dict[str, list[dict]] = {}
+    trained_now: list[str] = []  # the steps this command trains (a resumed run skips the others)
     # One worker group for the whole plan when passes can wait for their teacher beside it (the
     # cache holds what they write); a streamed teacher needs its model before the group starts.
     for segment in split_segments(plan, one_group=job.teacher_pool.use_cache):
@@ -133,9 +136,13 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
                 pending.append(planned)
         if pending:
             _train_segment(job, plan, segment, pending, manifest, data, histories, metrics, log, progress)
-    report_uri = write_report(run_uri, manifest, histories, metrics_note=_metrics_note(job))
+            trained_now += [planned.step_id for planned in pending]
+    command = {"seconds": time.perf_counter() - ray_started, "steps": trained_now}
+    report_uri = write_report(run_uri, manifest, histories, metrics_note=_metrics_note(job), command=command)
     seconds = time.perf_counter() - start
-    log(f"[cascade] finished in {seconds:.0f} s; report: {report_uri}")
+    share = command_share(manifest.steps, command)
+    log(f"[cascade] finished in {seconds:.0f} s" + (f" (compute share {100 * share:.0f}% of Ray start to report)" if share else "")
+        + f"; report: {report_uri}")
     return CascadeResult(run_uri, manifest.uri, report_uri, manifest.roles["student"], seconds)
 
 
@@ -163,6 +170,7 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     by_id = {planned.step_id: planned for planned in pending}
     clock = {"last": None}
     bars = {}
+    started_at: dict[str, float] = {}
 
     def on_event(kind: str, step_id: str, payload: dict) -> None:
         if kind == "group_started":
@@ -171,6 +179,7 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
         planned = by_id[step_id]
         step = prepared[step_id]
         if kind == "started":
+            started_at[step_id] = payload.get("at", time.time())
             metrics.step_started(planned.stage.label, planned.kind, planned.index, len(plan))
             log(f"[cascade] {_label(plan, planned)}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind}")
             if manifest.steps.get(step_id, {}).get("status") == "running":
@@ -185,7 +194,9 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
             if step_id in bars:
                 bars.pop(step_id).close()
             result = read_step_result(step.train_step.plan, run_uri, segment_name)
-            _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log)
+            beside = training_beside_passes(passes, started_at.get(step_id), payload.get("at", time.time()),
+                                            result.phases.get("training", 0.0))
+            _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log, beside)
 
     steps = [prepared[p.step_id].train_step for p in pending]
     teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes)
@@ -203,7 +214,24 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     _evaluate_stages(job, manifest, [planned for planned in segment if _last_of_stage(plan, planned)], data, log)
 
 
-def _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log) -> None:
+def training_beside_passes(passes: list, started: float | None, finished: float, training_s: float) -> float:
+    """Of a step's `training_s`, the seconds spent while a deferred teacher pass ran beside the
+    group (they share its cores or GPUs): the step's training prorated by the share of its time
+    on the group ([started, finished], wall clock) that some pass overlapped."""
+    if started is None or finished <= started or not training_s:
+        return 0.0
+    spans = sorted((max(p.started_at, started), min(p.ended_at or finished, finished))
+                   for p in passes if p.started_at is not None)
+    covered, reach = 0.0, started
+    for begin, end in spans:  # the union of the passes' spans within the step's
+        begin = max(begin, reach)
+        if end > begin:
+            covered, reach = covered + end - begin, end
+    return round(training_s * covered / (finished - started), 3)
+
+
+def _record_done(job, plan, planned, step, payload, result, manifest, data, histories, metrics, clock, log,
+                 beside_pass_s: float = 0.0) -> None:
     finished_at = payload.get("at", time.time())
     worker_s = finished_at - clock["last"] if clock["last"] else sum(result.phases.values())
     clock["last"] = finished_at
@@ -215,7 +243,7 @@ def _record_done(job, plan, planned, step, payload, result, manifest, data, hist
     histories[planned.step_id] = result.history
     manifest.record(planned.step_id, status="done", **_describe(planned), model_uri=result.model_uri, metrics=result.metrics,
                     history=result.history, teacher_pass=step.teacher_pass, teacher_uri=step.teacher_uri, seconds=seconds,
-                    phases={k: round(v, 3) for k, v in phases.items()})
+                    phases={k: round(v, 3) for k, v in phases.items()}, training_beside_pass_s=beside_pass_s)
     metrics.step_finished(planned.stage.label, planned.kind, seconds)
     share = phases.get("training", 0.0) / seconds if seconds else 0.0
     log(f"[cascade]   {planned.step_id}: {result.num_steps} optimizer steps in {seconds:.1f} s "

@@ -87,9 +87,17 @@ class DeferredPass:
     step_id: str
     ready: Callable[[], bool] | None = None
     """Whether its teacher exists yet (None: it does)."""
+    started_at: float | None = None
+    ended_at: float | None = None
+    """Wall-clock times (time.time()) of the pass, once it has started / ended: the run report
+    counts the training done while it ran."""
 
     def __call__(self) -> None:
-        self.run()
+        self.started_at = time.time()
+        try:
+            self.run()
+        finally:
+            self.ended_at = time.time()
 
 
 def export_ready(export_uri: str) -> Callable[[], bool]:

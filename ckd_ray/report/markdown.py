@@ -15,8 +15,11 @@ SCORE_COLUMNS = ("grounded", "margin", "open_em", "yes_no_acc", "yes_no_macro_f1
 BASELINE_LABELS = {"chance": "baseline: chance", "majority": "baseline: majority per type", "question_only": "baseline: question-only"}
 
 
-def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, metrics_note: str = "") -> str:
-    """Writes report.md and its PNGs into the run folder (local or s3://); returns the report URI."""
+def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, metrics_note: str = "",
+                 command: dict | None = None) -> str:
+    """Writes report.md and its PNGs into the run folder (local or s3://); returns the report URI.
+    `command`: {"seconds": the command's wall time from Ray start to the report, "steps": the step
+    ids it trained}, for the compute share over the whole command."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         plots = {
@@ -33,7 +36,7 @@ def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, me
         }
         lines = [f"# Run report: {manifest.job}", "", f"Config hash `{manifest.config_hash}`; manifest: `manifest.json`.", ""]
         lines += _steps_table(manifest)
-        lines += _phases_table(manifest)
+        lines += _phases_table(manifest, command)
         lines += _scores_table(manifest)
         if metrics_note:
             lines += ["## Metrics", "", metrics_note, ""]
@@ -62,19 +65,47 @@ def _steps_table(manifest) -> list[str]:
 
 
 def compute_share(steps: dict[str, dict]) -> float | None:
-    """Time in optimizer steps over the wall time of the training steps (None: no phases recorded)."""
+    """Time in optimizer steps over the wall time of the training steps (None: no phases recorded).
+    Ray's start, the evaluations and the report are outside the steps: see `command_share`."""
     timed = [entry for entry in steps.values() if entry.get("phases") and entry.get("seconds")]
     if not timed:
         return None
     return sum(entry["phases"].get("training", 0.0) for entry in timed) / sum(entry["seconds"] for entry in timed)
 
 
-def _phases_table(manifest) -> list[str]:
+def command_share(steps: dict[str, dict], command: dict | None) -> float | None:
+    """Time in the optimizer steps of the steps a command trained over that command's wall time
+    from Ray start to the report (None: unknown, or it trained nothing)."""
+    if not command or not command.get("seconds") or not command.get("steps"):
+        return None
+    return sum(steps.get(step_id, {}).get("phases", {}).get("training", 0.0) for step_id in command["steps"]) / command["seconds"]
+
+
+def _share_lines(steps: dict[str, dict], command: dict | None, share: float) -> list[str]:
+    """The compute share both ways, the command's first, and the training done beside a running teacher pass."""
+    timed = [entry for entry in steps.values() if entry.get("phases") and entry.get("seconds")]
+    training = sum(entry["phases"].get("training", 0.0) for entry in timed)
+    over_steps = (f"{100 * share:.0f}% of the steps' wall time ({training:.0f} s of {sum(e['seconds'] for e in timed):.0f} s; "
+                  "Ray's start, the evaluations and the report are outside it)")
+    whole = command_share(steps, command)
+    if whole is None:
+        lines = [f"compute share: {over_steps}"]
+    else:
+        lines = [f"compute share: **{100 * whole:.0f}% of this command's wall time** (its optimizer steps "
+                 f"{sum(steps[s].get('phases', {}).get('training', 0.0) for s in command['steps'] if s in steps):.0f} s "
+                 f"of {command['seconds']:.0f} s from Ray start to this report); {over_steps}"]
+    beside = sum(entry.get("training_beside_pass_s", 0.0) for entry in timed)
+    lines += ["", f"training beside a running teacher pass: {beside:.0f} s of the {training:.0f} s in optimizer steps "
+              "(a pass beside the group shares its cores or GPUs, so those steps run slower)"]
+    return lines
+
+
+def _phases_table(manifest, command: dict | None = None) -> list[str]:
     share = compute_share(manifest.steps)
     if share is None:
         return []
     phases = [p for p in PHASE_ORDER if any(e.get("phases", {}).get(p) for e in manifest.steps.values())]
-    lines = ["## Where the time went", "", f"compute share: {100 * share:.0f}%", "",
+    lines = ["## Where the time went", "", *_share_lines(manifest.steps, command, share), "",
              "Seconds per phase of each step (training = the optimizer steps; worker_start is paid once per worker group).", "",
              "| step | " + " | ".join(phases) + " | total |", "|---" * (len(phases) + 2) + "|"]
     for step_id, entry in manifest.steps.items():

@@ -61,7 +61,7 @@ def test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials(ray_c
         "models": random_preset_models,
         "storage": {"root": str(runs), "signal_cache": cache},
         # One distillation step: a teacher pass on the teacher node, then the student's worker group.
-        "cascade": {"plan": None, "prepare_teachers": False, "stages": [{"teacher": "teacher", "steps": ["DFT"]}]},
+        "cascade": {"plan": None, "prepare_teachers": False, "stages": [{"teacher": "teacher", "steps": ["DFT"]}], "student_alone": False},
         "teacher_pool": {"resources": {"teacher_node": 1}},
         "trainer": {"max_steps": 3, "micro_batch_size": 4, "num_workers": 1, "report_every": 1, "resources": {"student_node": 1}},
         "evaluation": {"max_samples": 16},
