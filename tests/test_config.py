@@ -135,12 +135,31 @@ def test_weight_without_signal_names_field_and_fix():
 
 def test_feature_layers_must_be_sent_by_teacher():
     raw = base()
+    raw["cascade"] = {"plan": "single_teacher"}  # the 6-layer teacher only (the TA has 3 layers)
     raw["loss"] = {"weights": {"task": 1, "feature": 1.0}, "feature_layers": {2: 4}}
     raw["signal"] = {"feature_layers": [3]}
     with pytest.raises(ConfigError, match=r"teacher layers \[4\] are not in signal.feature_layers"):
         validate_config(raw)
     raw["signal"] = {"feature_layers": [4]}
     validate_config(raw)
+
+
+def test_signal_and_loss_layers_must_exist_in_the_models_they_name():
+    raw = base()  # bottom_up: the TA (3 layers) and the teacher (6) both teach the student (2)
+    raw["signal"] = {"feature_layers": [4], "attention_layers": [5]}
+    raw["loss"] = {"weights": {"task": 1, "feature": 1.0, "attention": 1.0}, "feature_layers": {3: 4}, "attention_layers": {2: 5}}
+    with pytest.raises(ConfigError) as raised:
+        validate_config(raw)
+    found = sorted(str(p) for p in raised.value.problems)
+    assert found == [
+        "loss.attention_layers: layer 2 is not in learner 'student' (2 layers: attention layers 0..1) -> fix: name a layer of 'student', e.g. its last, 1",
+        "loss.feature_layers: layer 3 is not in learner 'student' (2 layers: hidden states 0..2 (0: the embeddings)) -> fix: name a layer of 'student', e.g. its last, 2",
+        "signal.attention_layers: layer 5 is not in teacher 'ta' (3 layers: attention layers 0..2) -> fix: name a layer of 'ta', e.g. its last, 2",
+        "signal.feature_layers: layer 4 is not in teacher 'ta' (3 layers: hidden states 0..3 (0: the embeddings)) -> fix: name a layer of 'ta', e.g. its last, 3",
+    ]
+    raw["cascade"] = {"plan": "single_teacher"}
+    raw["loss"] = {"weights": {"task": 1, "feature": 1.0, "attention": 1.0}, "feature_layers": {2: 4}, "attention_layers": {1: 5}}
+    validate_config(raw)  # the 6-layer teacher has them all
 
 
 def test_student_larger_than_teacher_is_an_error():

@@ -29,6 +29,9 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
     if ok("models", "cascade"):
         problems += _check_model_files(config)
         problems += _check_sizes(config)
+    if ok("models", "cascade", "signal", "loss"):
+        problems += _check_layers(config)
+    if ok("models", "cascade"):
         problems += model_folder_problems(config)
     if ok("tune", "cascade"):
         problems += _check_tune(config)
@@ -194,6 +197,45 @@ def _model_size(spec) -> int | None:
         ))
     except (KeyError, TypeError, ZeroDivisionError):  # fields missing or not numbers: size unknown, no check
         return None
+
+
+def _num_layers(spec) -> int | None:
+    """Layers of a role's LLM when knowable without loading weights (preset or local config.json)."""
+    if spec.preset and spec.preset in PRESETS:
+        return PRESETS[spec.preset].text.num_hidden_layers
+    model_config = _local_json(spec, "config.json")
+    text = model_config.get("text_config") if isinstance(model_config, dict) else None
+    layers = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    return layers if isinstance(layers, int) else None
+
+
+def _check_layers(config: JobConfig) -> list[Problem]:
+    """The layers the signal and the loss name exist: hidden states 0..L (0 = the embeddings) for
+    features, attention maps of layers 0..L-1, in each distilling stage's teacher (signal) and
+    learner (the loss's keys)."""
+    problems: list[Problem] = []
+    distilling = [(stage, at) for _, stage, at in _stages(config) if stage.teacher and any(s.kind in ("DPT", "DFT") for s in stage.steps)]
+    seen: set[tuple[str, str]] = set()
+    for stage, at in distilling:
+        loss = stage.loss or config.loss
+        for role, side in ((stage.teacher, "teacher"), (stage.learner, "learner")):
+            spec = config.models.get(role)
+            layers = _num_layers(spec) if spec is not None else None
+            if layers is None or (role, side) in seen:
+                continue
+            seen.add((role, side))
+            if side == "teacher":
+                named = [("signal.feature_layers", i, layers) for i in config.signal.feature_layers]
+                named += [("signal.attention_layers", i, layers - 1) for i in config.signal.attention_layers]
+            else:
+                named = [("loss.feature_layers", i, layers) for i in loss.feature_layers]
+                named += [("loss.attention_layers", i, layers - 1) for i in loss.attention_layers]
+            for field, index, last in named:
+                if not 0 <= index <= last:
+                    kind = "hidden states 0..{0} (0: the embeddings)" if "feature" in field else "attention layers 0..{0}"
+                    problems.append(Problem(field, f"layer {index} is not in {side} {role!r} ({layers} layers: {kind.format(last)})",
+                                            f"name a layer of {role!r}, e.g. its last, {last}"))
+    return problems
 
 
 def _check_sizes(config: JobConfig) -> list[Problem]:
