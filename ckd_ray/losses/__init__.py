@@ -1,6 +1,6 @@
 """Distillation loss terms: pure functions of tensors and masks, computed in float32 log-space.
 
-One function per term (``task_loss``, ``kl_loss_topk`` / ``kl_loss_dense`` for ``output`` and
+One function per term (``task_loss``, ``kl_loss_topk`` / ``kl_loss_sparse`` / ``kl_loss_dense`` for ``output`` and
 ``visual_kl``, ``visual_relation_loss``, ``feature_loss``, ``knowledge_loss``,
 ``attention_loss``) and ``distillation_loss``, which weighs them and reports each one.
 """
@@ -9,13 +9,14 @@ from ckd_ray.losses.attention import attention_loss, gather_visual_keys
 from ckd_ray.losses.composite import (
     TERM_NAMES,
     NonFiniteLossError,
+    SparseLogits,
     StudentOutputs,
     TeacherSignalBatch,
     TopKLogits,
     distillation_loss,
 )
 from ckd_ray.losses.feature import FeatureProjection, feature_loss
-from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KL_DIRECTIONS, KLDirection, cut_vocab, kl_loss_dense, kl_loss_topk
+from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KL_DIRECTIONS, KLDirection, cut_vocab, kl_loss_dense, kl_loss_sparse, kl_loss_topk
 from ckd_ray.losses.knowledge import fact_log_probs, knowledge_loss, soften_fact_log_probs
 from ckd_ray.losses.relation import visual_relation_loss
 from ckd_ray.losses.task import IGNORE_INDEX, task_loss
@@ -28,6 +29,7 @@ __all__ = [
     "FeatureProjection",
     "KLDirection",
     "NonFiniteLossError",
+    "SparseLogits",
     "StudentOutputs",
     "TeacherSignalBatch",
     "TopKLogits",
@@ -38,6 +40,7 @@ __all__ = [
     "feature_loss",
     "gather_visual_keys",
     "kl_loss_dense",
+    "kl_loss_sparse",
     "kl_loss_topk",
     "knowledge_loss",
     "soften_fact_log_probs",

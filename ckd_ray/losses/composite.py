@@ -19,7 +19,7 @@ import torch
 
 from ckd_ray.losses.attention import attention_loss, gather_visual_keys
 from ckd_ray.losses.feature import FeatureProjection, feature_loss
-from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KLDirection, kl_loss_topk
+from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KLDirection, kl_loss_sparse, kl_loss_topk
 from ckd_ray.losses.knowledge import fact_log_probs, knowledge_loss, soften_fact_log_probs
 from ckd_ray.losses.relation import visual_relation_loss
 from ckd_ray.losses.task import task_loss
@@ -62,6 +62,27 @@ class TopKLogits:
 
 
 @dataclass
+class SparseLogits:
+    """The teacher's compressed logits as ragged rows (signal version 2), ``[R, K]`` for R rows.
+
+    ``positions_R`` are the rows' flat ``b * L + t`` positions in ``[B, L]``. ``ids_RK`` are
+    distinct vocabulary ids, -1 in padding; ``values_RK`` their T = 1 logits, shifted by any
+    per-row constant (softmax is shift-invariant), -inf in padding; ``tail_logmass_R`` log sum exp
+    of all other logits with the same shift (-inf when the ids cover the vocabulary). Optional
+    tail draws: ``draw_ids_RM`` (distinct, not among the top ids, -1 in padding), their shifted
+    logits ``draw_values_RM`` and ``draw_weights_RM`` = multiplicity / draws per row.
+    """
+
+    positions_R: torch.Tensor
+    ids_RK: torch.Tensor
+    values_RK: torch.Tensor
+    tail_logmass_R: torch.Tensor
+    draw_ids_RM: torch.Tensor | None = None
+    draw_values_RM: torch.Tensor | None = None
+    draw_weights_RM: torch.Tensor | None = None
+
+
+@dataclass
 class TeacherSignalBatch:
     """The teacher signal for one batch; each field is needed only by the terms listed.
 
@@ -74,8 +95,8 @@ class TeacherSignalBatch:
       and ``answer_pos_B`` (``knowledge``).
     """
 
-    response_topk: TopKLogits | None = None
-    visual_topk: TopKLogits | None = None
+    response_topk: TopKLogits | SparseLogits | None = None
+    visual_topk: TopKLogits | SparseLogits | None = None
     gram_BNN: torch.Tensor | None = None
     visual_count_B: torch.Tensor | None = None
     hidden_states: Mapping[int, torch.Tensor] | None = None
@@ -117,15 +138,9 @@ def distillation_loss(
     if term_weights["task"]:
         terms["task"] = task_loss(logits_BLV, target_ids_BL, response_mask_BL, chunk_size=chunk_size)
     if term_weights["output"]:
-        topk = signal.response_topk
-        terms["output"] = kl_loss_topk(
-            logits_BLV, topk.values_BLK, topk.ids_BLK, topk.tail_logmass_BL, response_mask_BL, **kl_options
-        )
+        terms["output"] = _teacher_kl(logits_BLV, signal.response_topk, response_mask_BL, kl_options)
     if term_weights["visual_kl"]:
-        topk = signal.visual_topk
-        terms["visual_kl"] = kl_loss_topk(
-            logits_BLV, topk.values_BLK, topk.ids_BLK, topk.tail_logmass_BL, visual_mask_BL, **kl_options
-        )
+        terms["visual_kl"] = _teacher_kl(logits_BLV, signal.visual_topk, visual_mask_BL, kl_options)
     if term_weights["visual_relation"]:
         terms["visual_relation"] = visual_relation_loss(
             logits_BLV, visual_mask_BL, signal.gram_BNN, signal.visual_count_B
@@ -147,6 +162,12 @@ def distillation_loss(
     report = {name: value.detach() for name, value in terms.items()}
     report["total"] = total.detach()
     return total, report
+
+
+def _teacher_kl(logits_BLV, topk: TopKLogits | SparseLogits, mask_BL, kl_options) -> torch.Tensor:
+    if isinstance(topk, SparseLogits):
+        return kl_loss_sparse(logits_BLV, topk, mask_BL, **kl_options)
+    return kl_loss_topk(logits_BLV, topk.values_BLK, topk.ids_BLK, topk.tail_logmass_BL, mask_BL, **kl_options)
 
 
 def _mean_attention_loss(student_attentions, teacher_attentions, query_mask_BL, visual_mask_BL):

@@ -37,6 +37,20 @@ T > 1, and at most ``|1 - 1/T| * log n`` in size. The top-k buckets are exact at
 only the tail bucket's share (and through renormalisation the others') moves. Away from T = 1
 the top-k KL is therefore no longer guaranteed to be a lower bound.
 
+Ragged rows (signal version 2, ``kl_loss_sparse``). The same k + 1 buckets, with a k of each
+row's own (the smallest whose left-out mass is at most ``signal.tail_mass``), so the tail bucket
+of a row holds ``n = V - k_row`` tokens in the formula above. Values may be shifted per row
+(softmax is shift-invariant). Rows may also carry m draws from the teacher's distribution within
+its tail (RS-KD's importance sampling): for forward KL the tail bucket is then replaced by the
+drawn tokens, each weighing ``multiplicity / m`` of the tail at T = 1, so the teacher target
+``p_hat`` is exact on the top ids and an unbiased estimate on the tail, and so are the loss value
+(its tail terms use each drawn token's exact log-probability) and its gradient ``q - p_hat``.
+At T != 1 the tail's softened mass is estimated from the same draws,
+``S_T = tail_mass * mean_j exp(z_j (1/T - 1))`` (importance weights ``p_T / p``), and the drawn
+tokens weigh ``multiplicity / m * exp(z_j (1/T - 1)) * tail_mass / Z_T``: self-normalised, hence
+consistent rather than unbiased. Reverse KL (``sum_v q_v log(q_v / p_v)`` needs ``p_v`` wherever
+the student puts mass) ignores the draws and uses the tail bucket.
+
 Memory. The masked positions are gathered first (only those), then processed ``chunk_size`` rows
 at a time in float32, so the workspace is a few ``[chunk_size, V]`` tensors instead of
 ``[B * L, V]`` ones. Backward uses a custom autograd Function rather than
@@ -174,6 +188,53 @@ def kl_loss_topk(
     return kl_P.sum() / max(rows_P.numel(), 1) * temperature**2
 
 
+def kl_loss_sparse(
+    logits_BLV: torch.Tensor,
+    sparse,
+    mask_BL: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    direction: KLDirection = "forward",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """``T^2 * mean over masked positions of KL`` against ragged teacher rows (``SparseLogits``,
+    module docstring), read at masked positions only: every masked position needs a row, rows
+    at other positions are ignored. Never forms ``[B, L, V]`` teacher tensors. Returns a float32
+    scalar; 0 with zero gradient when no position is masked."""
+    _check_options(temperature, direction, chunk_size)
+    _check_positions(logits_BLV, mask_BL)
+    num_vocab = logits_BLV.shape[-1]
+    num_positions = mask_BL.numel()
+    positions_R = sparse.positions_R.long()
+    num_rows = positions_R.numel()
+    if sparse.ids_RK.shape[0] != num_rows or sparse.values_RK.shape != sparse.ids_RK.shape or sparse.tail_logmass_R.shape != (num_rows,):
+        raise ValueError(f"sparse teacher rows disagree: {num_rows} positions, ids {tuple(sparse.ids_RK.shape)}, "
+                         f"values {tuple(sparse.values_RK.shape)}, tail {tuple(sparse.tail_logmass_R.shape)}")
+    # host syncs: malformed rows are refused before they turn into a silently wrong loss
+    if num_rows and (positions_R.min() < 0 or positions_R.max() >= num_positions):
+        raise ValueError(f"sparse teacher row positions must lie in [0, {num_positions}) (flat [B, L] = {tuple(mask_BL.shape)})")
+    if sparse.ids_RK.numel() and sparse.ids_RK.max() >= num_vocab:
+        raise ValueError(f"teacher ids must be < the student vocabulary {num_vocab}, got {int(sparse.ids_RK.max())}: "
+                         "cut the teacher's vocabulary to the student's before taking the top-k")
+    row_of_N = torch.full((num_positions,), -1, dtype=torch.long, device=positions_R.device)
+    row_of_N[positions_R] = torch.arange(num_rows, device=positions_R.device)
+    rows_P = mask_BL.reshape(-1).nonzero().squeeze(1)  # host sync: the number of rows drives chunking
+    missing = int((row_of_N.index_select(0, rows_P) < 0).sum())
+    if missing:
+        raise ValueError(f"{missing} masked position(s) have no teacher row: the signal was computed for other masks")
+    use_draws = sparse.draw_ids_RM is not None and direction == "forward"
+    kl_P = _ChunkedKL.apply(
+        logits_BLV.reshape(-1, num_vocab),
+        rows_P,
+        lambda student_NV, rows_C, with_grad: _sparse_kl_rows(
+            student_NV, rows_C, row_of_N.index_select(0, rows_C), sparse, temperature, direction == "reverse", use_draws, with_grad
+        ),
+        temperature,
+        chunk_size,
+    )
+    return kl_P.sum() / max(rows_P.numel(), 1) * temperature**2
+
+
 # (student_NV, rows_C, with_grad) -> (KL of the chunk's rows, d KL / d (student logits / T) or None)
 RowsKL = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -251,6 +312,75 @@ def _topk_kl_rows(student_NV, rows_C, values_CK, ids_CK, tail_logmass_C, tempera
         grad_CV.sub_(within_tail_CV.mul_(p_CB[:, -1:]))
         grad_top_CK = q_CB[:, :-1] - p_CB[:, :-1]
     return kl_C, grad_CV.scatter_(1, ids_CK, grad_top_CK)
+
+
+def _sparse_kl_rows(student_NV, rows_C, teacher_C, sparse, temperature, reverse, use_draws, with_grad):
+    s_CV = _softened_rows(student_NV, rows_C, temperature)
+    ids_CK = sparse.ids_RK.index_select(0, teacher_C).long()
+    valid_CK = ids_CK >= 0
+    ids_CK = ids_CK.clamp_min(0)  # padding points at id 0 and adds 0 to it (scatter_add, never scatter)
+    values_CK = sparse.values_RK.index_select(0, teacher_C).to(s_CV.dtype).masked_fill(~valid_CK, -math.inf)
+    tail_logmass_C = sparse.tail_logmass_R.index_select(0, teacher_C).to(s_CV.dtype)
+    log_partition_C1 = torch.logsumexp(s_CV, dim=-1, keepdim=True)
+    log_q_CK = (s_CV.gather(1, ids_CK) - log_partition_C1).masked_fill(~valid_CK, -math.inf)
+    if use_draws:
+        return _sampled_forward_rows(s_CV, log_partition_C1, log_q_CK, ids_CK, values_CK, tail_logmass_C, sparse, teacher_C,
+                                     temperature, with_grad)
+    in_top_CV = torch.zeros_like(s_CV).scatter_add_(1, ids_CK, valid_CK.to(s_CV.dtype)) > 0
+    s_tail_CV = s_CV.masked_fill(in_top_CV, -math.inf)
+    tail_log_partition_C1 = torch.logsumexp(s_tail_CV, dim=-1, keepdim=True)
+    log_q_CB = torch.cat([log_q_CK, tail_log_partition_C1 - log_partition_C1], dim=1)
+    num_tail_C = s_CV.shape[-1] - valid_CK.sum(dim=1)
+    log_num_tail_C = num_tail_C.clamp_min(1).to(s_CV.dtype).log()
+    tail_logit_C = torch.where(num_tail_C > 0, log_num_tail_C + (tail_logmass_C - log_num_tail_C) / temperature, -math.inf)
+    log_p_CB = F.log_softmax(torch.cat([values_CK / temperature, tail_logit_C[:, None]], dim=1), dim=-1)
+    kl_C = _kl_rows(log_q_CB, log_p_CB) if reverse else _kl_rows(log_p_CB, log_q_CB)
+    if not with_grad:
+        return kl_C, None
+    # As `_topk_kl_rows`, written additively: every token first gets its tail-bucket gradient,
+    # then each top id its own bucket's correction (padding adds 0).
+    q_CB, p_CB = log_q_CB.exp(), log_p_CB.exp()
+    grad_CV = s_CV.sub_(log_partition_C1).exp_()  # q_v
+    if reverse:
+        coef_CB = (log_q_CB - log_p_CB - kl_C[:, None]).masked_fill_(q_CB == 0, 0.0)
+        grad_CV.mul_(coef_CB[:, -1:])
+        top_CK = q_CB[:, :-1] * (coef_CB[:, :-1] - coef_CB[:, -1:])
+    else:
+        within_tail_CV = s_tail_CV.sub_(tail_log_partition_C1).exp_()
+        within_tail_CV.masked_fill_(torch.isneginf(tail_log_partition_C1), 0.0)  # empty tail: -inf - -inf
+        grad_CV.sub_(within_tail_CV.mul_(p_CB[:, -1:]))
+        top_CK = -p_CB[:, :-1]
+    return kl_C, grad_CV.scatter_add_(1, ids_CK, top_CK.masked_fill(~valid_CK, 0.0))
+
+
+def _sampled_forward_rows(s_CV, log_partition_C1, log_q_CK, ids_CK, values_CK, tail_logmass_C, sparse, teacher_C,
+                          temperature, with_grad):
+    """Forward KL with the tail as importance-weighted draws (module docstring)."""
+    draw_ids_CM = sparse.draw_ids_RM.index_select(0, teacher_C).long()
+    drawn_CM = draw_ids_CM >= 0
+    draw_ids_CM = draw_ids_CM.clamp_min(0)
+    z_CM = sparse.draw_values_RM.index_select(0, teacher_C).to(s_CV.dtype).masked_fill(~drawn_CM, 0.0)
+    log_w_CM = sparse.draw_weights_RM.index_select(0, teacher_C).to(s_CV.dtype).log().masked_fill(~drawn_CM, -math.inf)
+    # log of the tail's softened mass, estimated with importance weights p_T / p (exact at T = 1)
+    log_ratio_CM = log_w_CM + z_CM * (1.0 / temperature - 1.0)
+    log_tail_T_C = tail_logmass_C + torch.logsumexp(log_ratio_CM, dim=-1)
+    log_norm_C1 = torch.logsumexp(torch.cat([values_CK / temperature, log_tail_T_C[:, None]], dim=1), dim=-1, keepdim=True)
+    log_p_CK = values_CK / temperature - log_norm_C1
+    log_weight_CM = log_ratio_CM + tail_logmass_C[:, None] - log_norm_C1  # the drawn tokens' share of p_hat
+    log_p_CM = z_CM / temperature - log_norm_C1  # each drawn token's own probability
+    log_q_CM = (s_CV.gather(1, draw_ids_CM) - log_partition_C1).masked_fill(~drawn_CM, -math.inf)
+    kl_C = _kl_rows(log_p_CK, log_q_CK) + _weighted_log_ratio(log_weight_CM, log_p_CM, log_q_CM)
+    if not with_grad:
+        return kl_C, None
+    grad_CV = s_CV.sub_(log_partition_C1).exp_()  # q_v
+    grad_CV.scatter_add_(1, ids_CK, -log_p_CK.exp())
+    return kl_C, grad_CV.scatter_add_(1, draw_ids_CM, -log_weight_CM.exp())
+
+
+def _weighted_log_ratio(log_w_CX, log_a_CX, log_b_CX):
+    """sum_x w_x (log a_x - log b_x) per row, 0 where w = 0 (as `_kl_rows`)."""
+    w_CX = log_w_CX.exp()
+    return (log_a_CX - log_b_CX).mul_(w_CX).masked_fill_(w_CX == 0, 0.0).sum(dim=-1)
 
 
 def _softened_rows(logits_NV: torch.Tensor, rows_C: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from ckd_ray.losses.attention import gather_visual_keys
 from ckd_ray.losses.knowledge import fact_log_probs
 from ckd_ray.models import num_image_tokens
 from ckd_ray.teachers.config import SignalSpec
+from ckd_ray.teachers.packed import PackedRows, concat_rows, encode_rows, pack_triangle, select_rows
 from ckd_ray.teachers.signal import to_wire, topk_with_tail
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
@@ -36,6 +37,8 @@ class TeacherForward:
         self.num_visual = num_image_tokens(model.config)
         self.lm_weight_VD = model.get_output_embeddings().weight[:shared_vocab_size]
         self.gram_basis_DD = None
+        # Tail draws (signal version 2) are seeded, so a pass is reproducible.
+        self.generator = torch.Generator(device=self.device).manual_seed(0) if spec.tail_samples else None
         if spec.gram:
             weight = self.lm_weight_VD.float()
             self.gram_basis_DD = weight.T @ weight
@@ -64,8 +67,11 @@ class TeacherForward:
             self._topk(signal, "resp", hidden_BLD, response_BL, spec.response_top_k, seq_len)
         if spec.visual_top_k:
             self._topk(signal, "vis", hidden_BLD, visual_BL, spec.visual_top_k, seq_len)
-        if spec.gram:
-            signal["sig_gram"] = self._gram(hidden_BLD, visual_BL)
+        if spec.gram and spec.version == 2:
+            gram_BNN = self._gram_matrices(hidden_BLD, visual_BL)
+            signal["sig_gram_triangle"] = to_wire(pack_triangle(gram_BNN), spec.value_dtype)
+        elif spec.gram:
+            signal["sig_gram"] = to_wire(self._gram_matrices(hidden_BLD, visual_BL), spec.value_dtype)
         for layer in spec.attention_layers:
             signal[f"sig_attn_{layer}"] = self._attention(out.attentions[layer], visual_BL, seq_len)
         for layer in spec.feature_layers:
@@ -78,6 +84,9 @@ class TeacherForward:
         return torch.nn.functional.linear(hidden_ND, self.lm_weight_VD).float()
 
     def _topk(self, signal, name, hidden_BLD, mask_BL, k, seq_len) -> None:
+        if self.spec.version == 2:
+            self._packed_rows(signal, name, hidden_BLD, mask_BL, k)
+            return
         num_samples = hidden_BLD.shape[0]
         k = min(k, self.vocab_size)
         values = torch.zeros(num_samples, seq_len, k, device=self.device)
@@ -92,13 +101,27 @@ class TeacherForward:
         signal[f"sig_{name}_topk_ids"] = ids.cpu().numpy()
         signal[f"sig_{name}_tail_logmass"] = tail.cpu().numpy()
 
-    def _gram(self, hidden_BLD, visual_BL) -> np.ndarray:
+    def _packed_rows(self, signal, name, hidden_BLD, mask_BL, k) -> None:
+        """Version 2: one bytes value per sample with the rows of its masked positions only."""
+        spec = self.spec
+        rows_R2 = mask_BL.nonzero()  # sample-major, positions in order: the order the student reads
+        chunks = []
+        for start in range(0, len(rows_R2), self.rows_per_chunk):
+            b, t = rows_R2[start : start + self.rows_per_chunk].unbind(-1)
+            chunks.append(select_rows(self._logits(hidden_BLD[b, t]), k, spec.tail_mass, spec.tail_samples, self.generator))
+        rows = concat_rows(chunks) if chunks else PackedRows.empty(spec.tail_samples)
+        rows_per_sample = mask_BL.sum(dim=1).tolist()  # host sync
+        signal[f"sig_{name}_packed"] = np.array(
+            [encode_rows(part, self.vocab_size, k, spec.value_dtype) for part in rows.split(rows_per_sample)], dtype=object
+        )
+
+    def _gram_matrices(self, hidden_BLD, visual_BL) -> torch.Tensor:
         counts = visual_BL.sum(dim=1).tolist()  # host sync
         gram_BNN = torch.zeros(len(counts), self.num_visual, self.num_visual, device=self.device)
         for sample, count in enumerate(counts):
             h_ND = hidden_BLD[sample][visual_BL[sample]].float()
             gram_BNN[sample, :count, :count] = h_ND @ self.gram_basis_DD @ h_ND.T
-        return to_wire(gram_BNN, self.spec.value_dtype)
+        return gram_BNN
 
     def _attention(self, attn_BHLL, visual_BL, seq_len) -> np.ndarray:
         num_keys = self.num_visual

@@ -1,4 +1,19 @@
-"""The compressed teacher signal: what a teacher adds to each batch, version 1.
+"""The compressed teacher signal: what a teacher adds to each batch (`SignalSpec.version`).
+
+Version 1 (below) is dense and simple; version 2 (`ckd_ray/teachers/packed.py`) ships the same
+information ragged and bit-packed, with a per-token k:
+
+| column (version 2)         | per sample              | for term          |
+|----------------------------|-------------------------|-------------------|
+| `sig_resp_packed`          | bytes: the response rows | output           |
+| `sig_vis_packed`           | bytes: the visual rows  | visual_kl         |
+| `sig_gram_triangle`        | [N (N + 1) / 2] wire    | visual_relation   |
+
+(attention, features and facts as in version 1.) The version is part of the spec fingerprint,
+so cache entries of the two never mix; a version 1 fingerprint is what it was before version 2
+existed, so version 1 entries stay readable.
+
+Version 1:
 
 Full logits cannot cross the object store (Qwen2.5: 2048 x 151936 x 4 B = 1.24 GB a sample), so
 the teacher sends, per the step's `SignalSpec`:
@@ -33,15 +48,22 @@ import numpy as np
 import torch
 
 from ckd_ray.teachers.config import SignalSpec
+from ckd_ray.teachers.packed import unpack_triangle
 
-SIGNAL_VERSION = 1
+SIGNAL_VERSION = 1  # the default format; `SignalSpec.version` picks one per job
+_VERSION_2_FIELDS = ("version", "tail_mass", "tail_samples")
 SIGNAL_PREFIX = "sig_"
 _WIRE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def spec_fingerprint(spec: SignalSpec, shared_vocab_size: int) -> str:
-    """Identifies a signal format: equal fingerprints mean interchangeable cached signal."""
-    blob = json.dumps({"version": SIGNAL_VERSION, "vocab": shared_vocab_size, **spec.model_dump(mode="json")}, sort_keys=True)
+    """Identifies a signal format: equal fingerprints mean interchangeable cached signal. A
+    version 1 spec hashes as it did before the version 2 fields existed (its cache entries stay
+    valid)."""
+    fields = spec.model_dump(mode="json")
+    if spec.version == 1:
+        fields = {name: value for name, value in fields.items() if name not in _VERSION_2_FIELDS}
+    blob = json.dumps({"version": spec.version, "vocab": shared_vocab_size, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -69,7 +91,12 @@ def bytes_per_sample(
     teacher_hidden: int,
     num_facts: int = 8,
 ) -> dict[str, int]:
-    """Bytes each signal part adds to one sample on the wire (and their `total`)."""
+    """Bytes each signal part adds to one sample on the wire (and their `total`), version 1. A
+    version 2 sample's size depends on its tokens (per-token k): measure its packed columns
+    (`signal_nbytes`, `benchmarks/bench_teacher_signal.py`)."""
+    if spec.version != 1:
+        raise ValueError("bytes_per_sample computes version 1 sizes; a version 2 sample's size depends on its "
+                         "tokens: measure its columns with signal_nbytes")
     value = torch.tensor([], dtype=_WIRE[spec.value_dtype]).element_size()
     parts: dict[str, int] = {}
     if spec.response_top_k:
@@ -93,7 +120,14 @@ def full_logits_bytes(seq_len: int, vocab_size: int, bytes_per_value: int = 4) -
 
 
 def signal_nbytes(columns: dict[str, np.ndarray]) -> int:
-    return int(sum(v.nbytes for k, v in columns.items() if k.startswith(SIGNAL_PREFIX)))
+    """Bytes of the signal columns of a batch (a version 2 bytes column counts its payloads)."""
+    return int(sum(_column_nbytes(v) for k, v in columns.items() if k.startswith(SIGNAL_PREFIX)))
+
+
+def _column_nbytes(column: np.ndarray) -> int:
+    if column.dtype == object:
+        return sum(len(value) for value in column)
+    return column.nbytes
 
 
 def topk_with_tail(logits_NV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +149,7 @@ def decode_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], dev
     `attention_layers` is the loss's student -> teacher layer map: the teacher's maps are keyed by
     the student layer they are distilled into. Right padding beyond the batch's longest row is
     trimmed to match the student's trimmed inputs (`used` = longest attention mask)."""
-    from ckd_ray.losses import TeacherSignalBatch, TopKLogits
+    from ckd_ray.losses import SparseLogits, TeacherSignalBatch, TopKLogits
 
     used = int(np.asarray(batch["attention_mask"]).sum(axis=1).max())
 
@@ -125,7 +159,10 @@ def decode_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], dev
             value = value.narrow(trim_dim, 0, used)
         return value
 
-    def topk(name: str) -> TopKLogits:
+    def topk(name: str) -> TopKLogits | SparseLogits:
+        if spec.version == 2:
+            mask = batch["response_mask" if name == "resp" else "visual_mask"]
+            return sparse_logits(batch[f"sig_{name}_packed"], np.asarray(mask)[:, :used], spec.value_dtype, device)
         return TopKLogits(
             values_BLK=tensor(f"sig_{name}_topk_values", wire=True),
             ids_BLK=tensor(f"sig_{name}_topk_ids").long(),
@@ -137,7 +174,10 @@ def decode_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], dev
         signal.response_topk = topk("resp")
     if spec.visual_top_k:
         signal.visual_topk = topk("vis")
-    if spec.gram:
+    if spec.gram and spec.version == 2:
+        signal.gram_BNN = unpack_triangle(tensor("sig_gram_triangle", wire=True, trim_dim=None))
+        signal.visual_count_B = tensor("visual_mask", trim_dim=None).sum(dim=1)
+    elif spec.gram:
         signal.gram_BNN = tensor("sig_gram", wire=True, trim_dim=None)
         signal.visual_count_B = tensor("visual_mask", trim_dim=None).sum(dim=1)
     if spec.feature_layers:
@@ -152,3 +192,39 @@ def decode_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], dev
         signal.fact_token_ids_BFT = tensor("fact_token_ids", trim_dim=None).long()
         signal.answer_pos_B = tensor("answer_pos", trim_dim=None).long()
     return signal
+
+
+def sparse_logits(column, mask_BL: np.ndarray, value_dtype: str, device: torch.device | str = "cpu"):
+    """A batch's version 2 rows (one bytes value per sample) as the losses' `SparseLogits`: the
+    rows of each sample belong to its `mask_BL` positions in order, padded to the batch's
+    largest k (``[R, K]``, never ``[B, L, V]``)."""
+    from ckd_ray.losses import SparseLogits
+    from ckd_ray.teachers.packed import concat_rows, decode_rows
+
+    parts = [decode_rows(bytes(value), value_dtype) for value in column]
+    expected = mask_BL.sum(axis=1).tolist()
+    shipped = [part.num_rows for part in parts]
+    if shipped != expected:
+        raise ValueError(f"version 2 signal rows per sample {shipped} do not match the masked positions {expected}: "
+                         "the signal was computed for other masks (a stale or foreign cache entry)")
+    rows = concat_rows(parts)
+    positions_R = torch.as_tensor(np.flatnonzero(mask_BL.reshape(-1)), device=device)
+    ids_RK, values_RK = _padded(rows.counts_R, rows.ids_X, rows.values_X, device)
+    sparse = SparseLogits(positions_R=positions_R, ids_RK=ids_RK, values_RK=values_RK,
+                          tail_logmass_R=torch.as_tensor(rows.tail_logmass_R, device=device))
+    if rows.num_draws:
+        sparse.draw_ids_RM, sparse.draw_values_RM = _padded(rows.draw_counts_R, rows.draw_ids_Y, rows.draw_values_Y, device)
+        multiplicity_RM, _ = _padded(rows.draw_counts_R, rows.draw_multiplicity_Y, rows.draw_values_Y, device)
+        sparse.draw_weights_RM = multiplicity_RM.clamp_min(0).float() / rows.num_draws
+    return sparse
+
+
+def _padded(counts_R: np.ndarray, ids_X: np.ndarray, values_X: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR rows as ``[R, max count]`` ids (-1 in padding) and values (-inf in padding)."""
+    width = int(counts_R.max()) if len(counts_R) else 0
+    slot_X = np.arange(len(ids_X)) - np.repeat(np.cumsum(counts_R) - counts_R, counts_R)
+    row_X = np.repeat(np.arange(len(counts_R)), counts_R)
+    ids = np.full((len(counts_R), width), -1, dtype=np.int64)
+    values = np.full((len(counts_R), width), -np.inf, dtype=np.float32)
+    ids[row_X, slot_X], values[row_X, slot_X] = ids_X, values_X
+    return torch.as_tensor(ids, device=device), torch.as_tensor(values, device=device)
