@@ -291,3 +291,17 @@ def test_config_reports_every_problem_with_field_and_fix():
     config = DataConfig(benchmark_root="s3://bucket/kvqa")
     assert config.instruction_sources()[0].uri == "s3://bucket/kvqa/instructions.json"
     assert config.eval_sources("test")[0].split == "test"
+
+
+def test_caption_share_mixes_the_benchmark_captions_into_the_instruction_steps_but_not_into_evaluation(kvqa_dir):
+    config = DataConfig(benchmark_root=str(kvqa_dir), caption_share=0.1)
+    questions, captions = config.instruction_sources()
+    assert (questions.label, questions.weight, questions.split) == ("kvqa-instructions", 0.9, "train")
+    assert (captions.label, captions.weight, captions.split) == ("kvqa-captions", 0.1, "train")
+    assert [s.label for s in config.eval_sources("test")] == ["kvqa-instructions"]
+    reads = plan_pass([questions, captions], config)
+    counts = reads.records_per_source
+    assert counts["kvqa-instructions"] == 11151 and abs(counts["kvqa-captions"] / sum(counts.values()) - 0.1) < 0.005
+    assert [s.label for s in DataConfig(benchmark_root=str(kvqa_dir)).instruction_sources()] == ["kvqa-instructions"]
+    with pytest.raises(ValueError, match="caption_share"):
+        DataConfig(benchmark_root="b", caption_share=1.0)

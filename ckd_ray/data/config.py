@@ -55,6 +55,14 @@ class DataConfig(Section):
     """Folder (local or s3://) with the tokenizer and image processor; None: the student's folder
     when models.student.path is set (a composed or loaded model brings its own), else the benchmark's."""
 
+    caption_share: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Share of the benchmark's training captions in the mix of the instruction steps (FT, SFT,
+    DFT), as LLaVA-1.5's instruction mix holds captioning data. Without it, training on questions
+    alone makes a model forget how to caption, so a prepared teacher's signal for the caption steps
+    (DPT) is noise and a student's second caption step starts from a model that cannot caption.
+    0: instructions only. Applies to the benchmark's sources (`benchmark_root`, no listed
+    `instructions`); evaluation never reads the captions."""
+
     max_length: int = Field(default=128, ge=8)
     """Tokens per sample after the image placeholder is expanded; shorter samples are right-padded."""
 
@@ -125,12 +133,21 @@ class DataConfig(Section):
         return list(self.captions) or [self._benchmark_source("captions", "train")]
 
     def instruction_sources(self) -> list[SourceConfig]:
-        """The instruction sources: `instructions` if listed, else the benchmark's train-split instructions."""
-        return list(self.instructions) or [self._benchmark_source("instructions", "train")]
+        """The instruction sources: `instructions` if listed, else the benchmark's train-split
+        instructions, mixed with its captions when `caption_share` > 0."""
+        if self.instructions:
+            return list(self.instructions)
+        questions = self._benchmark_source("instructions", "train")
+        if not self.caption_share:
+            return [questions]
+        return [questions.model_copy(update={"weight": 1.0 - self.caption_share}),
+                self._benchmark_source("captions", "train").model_copy(update={"weight": self.caption_share})]
 
     def eval_sources(self, split: str) -> list[SourceConfig]:
-        """The instruction sources restricted to `split` (evaluation.split), for evaluation."""
-        return [s.model_copy(update={"split": split}) for s in self.instruction_sources()]
+        """The instruction data restricted to `split` (evaluation.split), for evaluation: the listed
+        `instructions`, or the benchmark's questions (never its captions)."""
+        sources = list(self.instructions) or [self._benchmark_source("instructions", split)]
+        return [s.model_copy(update={"split": split}) for s in sources]
 
     def _benchmark_source(self, kind: str, split: str) -> SourceConfig:
         root = str(self.benchmark_root)
