@@ -82,17 +82,113 @@ def test_experiment_table_shows_mean_and_spread_and_leaves_preservation_undefine
 
     experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", seeds=[0],
                                   runs=[{"name": "kd", "plan": "single_teacher"}])
-    row = _Row(scores=[{m: 0.25 for m in TABLE_METRICS}], steps=[120], samples=[3840])
+    distinct = {"captions": 854, "hop 0": 430, "hop 1": 659, "hop 2": 618}
+    row = _Row(scores=[{m: 0.25 for m in TABLE_METRICS}], steps=[120], samples=[3840], distinct=[distinct])
     line = _table(experiment, {"kd": row}, {}, {"teacher": {m: 0.5 for m in TABLE_METRICS}}).splitlines()[-1]
     assert "baseline:" not in _table(experiment, {"kd": row}, {}, {})  # no records with baseline answers: no rows
-    assert line.startswith("| single_teacher | T->S | 120 | 3,840 | 0.250 |") and line.endswith("| 0.500 |")
+    assert line.startswith("| single_teacher | T->S | 120 | 3,840 | 854 | 430 | 659 | 618 | 0.250 |") and line.endswith("| 0.500 |")
     zero = {"teacher": {m: 0.0 for m in TABLE_METRICS}}
     assert _table(experiment, {"kd": row}, {}, zero).splitlines()[-1].endswith("| - |")
     three = experiment.model_copy(update={"seeds": [0, 1, 2]})
-    row3 = _Row(scores=[{m: v for m in TABLE_METRICS} for v in (0.1, 0.2, 0.3)], steps=[120] * 3, samples=[3840] * 3)
+    row3 = _Row(scores=[{m: v for m in TABLE_METRICS} for v in (0.1, 0.2, 0.3)], steps=[120] * 3, samples=[3840] * 3,
+                distinct=[distinct] * 3)
     text = _table(three, {"kd": row3}, {}, {"teacher": {m: 0.5 for m in TABLE_METRICS}})
-    assert "| single_teacher | T->S | 120 | 3,840 | 0.200 +- 0.100 |" in text
+    assert "| single_teacher | T->S | 120 | 3,840 | 854 | 430 | 659 | 618 | 0.200 +- 0.100 |" in text
     assert "## Seed 2" in text and "| single_teacher | 0.300 |" in text  # the per-seed tables are kept
+
+
+def _answers(correct: list[bool]) -> list[dict]:
+    """Evaluation records of yes/no questions (half "yes"), right where `correct` says."""
+    out = []
+    for i, right in enumerate(correct):
+        answer = "yes" if i % 2 else "no"
+        out.append({"sample_id": f"q{i:03d}", "question_type": "yes_no", "answer": answer,
+                    "prediction": answer if right else ("no" if answer == "yes" else "yes")})
+    return out
+
+
+def test_experiment_claims_give_each_ordering_a_verdict_with_its_interval_over_seeds_and_samples():
+    """The papers' claims and the teacher > TA > student-alone ladder (the prepared models are one
+    for every seed): holds above 0, reversed below, not separable across it, and each seed's own
+    interval."""
+    from ckd_ray.cascade.experiment import ExperimentConfig, _comparisons, _Row, _table
+
+    experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", seeds=[0, 1, 2], runs=[
+        {"name": "alone", "plan": "student_only"}, {"name": "kd", "plan": "single_teacher"}, {"name": "ckd", "plan": "bottom_up"}])
+    n = 200
+    strong, half, weak = _answers([True] * n), _answers([i % 2 == 0 for i in range(n)]), _answers([i % 5 == 0 for i in range(n)])
+    rows = {"alone": _Row(records=[weak] * 3), "kd": _Row(records=[strong] * 3),
+            "ckd": _Row(records=[_answers([(i + seed) % 3 != 0 for i in range(n)]) for seed in range(3)])}
+    comparisons = _comparisons(experiment, rows, {"teacher": strong, "ta": half})
+    verdicts = {claim.split(" (")[0]: c.verdict for claim, c in comparisons.items()}
+    assert verdicts == {"LLaVA-CKD beats LLaVA-KD": "reversed", "the prepared teacher beats the prepared TA": "holds",
+                        "the prepared TA beats the student alone": "holds", "the prepared teacher beats the student alone": "holds"}
+    ladder = comparisons["the prepared teacher beats the prepared TA"]
+    assert ladder.overall.observed == pytest.approx(1.0 - 0.5) and len(ladder.per_seed) == 3
+    assert all(d.low > 0 for d in ladder.per_seed)
+    even = _comparisons(experiment, {**rows, "ckd": _Row(records=[strong] * 3)})["LLaVA-CKD beats LLaVA-KD (seed 001, Table 1)"]
+    assert even.verdict == "not separable" and even.overall.low == even.overall.high == 0.0
+    table = _table(experiment, rows, {}, {}, comparisons)
+    assert "| the prepared teacher beats the prepared TA | +0.500 |" in table and "| 3/3 | holds |" in table
+
+
+def test_split_pool_gives_steps_disjoint_shares_and_a_curriculum_the_same_pool_ordered_by_hop():
+    import numpy as np
+
+    from ckd_ray.cascade.datasets import split_pool
+
+    hops = np.array([0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0])
+    six = split_pool(hops, [(40, None)] * 4)  # the cascade's four instruction steps of 40
+    three = split_pool(hops, [(80, None)] * 2)  # LLaVA-KD's two of 80
+    assert [len(s) for s in six] == [3, 3, 3, 3] and [len(s) for s in three] == [6, 6]
+    assert sorted(np.concatenate(six)) == sorted(np.concatenate(three)) == list(range(12))
+    curriculum = split_pool(hops, [(48, (0,)), (48, (0,)), (48, (0, 1)), (48, None)])
+    assert [sorted(hops[s]) for s in curriculum] == [[0, 0], [0, 0], [1, 1, 1, 1], [2, 2, 2, 2]]
+    assert sorted(np.concatenate(curriculum)) == list(range(12))  # the end-to-end row's pool, ordered by hop level
+    assert list(curriculum[0]) == [0, 4] and list(curriculum[1]) == [8, 11]  # each share in pool order
+
+
+def test_experiment_rows_see_the_same_distinct_samples_per_hop_level_as_the_rows_they_are_compared_with(kvqa_dir):
+    """The planned reads of `cascade.disjoint_data` (no Ray): LLaVA-CKD's six steps and LLaVA-KD's
+    three read the same distinct captions and instructions per hop level, as do the progressive and
+    end-to-end rows; each step's records are its own; the pool changes with the seed. Reading
+    prefixes instead, the cascade saw half of LLaVA-KD's instructions (issue 35)."""
+    from ckd_ray.cascade.datasets import StepData, distinct_samples
+    from ckd_ray.cascade.experiment import _run_config, load_experiment
+    from ckd_ray.cascade.steps import passes_for_budget, plan_step
+
+    experiment, base = load_experiment(REPO / "configs" / "kvqa_table.yaml", [f"data.benchmark_root={kvqa_dir}"])
+    catalogs: dict = {}
+
+    def reads_of(name: str, seed: int = 0, **cascade):
+        run = next(r for r in experiment.runs if r.name == name)
+        raw = _run_config(base, experiment, run, seed, {"ta": "preset", "teacher": "preset"})
+        raw["cascade"].update(cascade)
+        job = validate_config(raw)
+        plan = [p for p in build_plan(job) if p.learner == "student"]
+        reads = StepData(job, job.run_uri, catalogs).planned_reads(plan)
+        return job, plan, [reads[p.step_id] for p in plan]
+
+    seen = {}
+    for name in ("llava-kd", "llava-ckd", "top-down", "end-to-end", "progressive"):
+        job, plan, reads = reads_of(name)
+        seen[name] = distinct_samples(reads)
+        assert sum(r.num_records for r in reads) == sum(seen[name].values()), name  # no record read by two steps
+        for planned, step in zip(plan, reads):
+            if planned.stage.hop_levels is not None and planned.data_kind == "instruct":
+                assert set(step.hops.tolist()) <= set(planned.stage.hop_levels)
+            # every step still makes its optimizer steps, however many samples its share holds
+            epochs = passes_for_budget(job, planned.step, step.num_records)
+            made = plan_step(job, planned.stage, planned.step.model_copy(update={"epochs": epochs}), init_model_uri="m",
+                             num_train_samples=step.num_records, export_uri="e").optimizer.total_steps
+            assert made == (planned.step.max_steps or job.trainer.max_steps), planned.step_id
+    assert seen["llava-kd"] == seen["llava-ckd"] == seen["top-down"]
+    assert seen["llava-kd"]["captions"] == 854 and sum(v for k, v in seen["llava-kd"].items() if k != "captions") == 1707
+    assert seen["progressive"] == seen["end-to-end"] and seen["end-to-end"]["captions"] == 512
+    assert distinct_samples(reads_of("llava-ckd", seed=1)[2]) != seen["llava-ckd"]  # a seed draws its own pool
+    prefixes = {name: distinct_samples(reads_of(name, disjoint_data=False)[2]) for name in ("llava-kd", "llava-ckd")}
+    assert sum(prefixes["llava-ckd"].values()) - prefixes["llava-ckd"]["captions"] == 427
+    assert sum(prefixes["llava-kd"].values()) - prefixes["llava-kd"]["captions"] == 854
 
 
 def _manifest(run: Path) -> dict:

@@ -192,6 +192,18 @@ def test_distillation_step_without_teacher_and_plan_plus_stages():
         validate_config(raw)
 
 
+def test_disjoint_data_needs_a_budget_for_every_step():
+    """The pool of `cascade.disjoint_data` is what the steps' budgets consume: a step without
+    one is named, with the fix, before anything runs."""
+    raw = base()
+    raw["cascade"] = {"plan": "single_teacher", "prepare_teachers": False, "disjoint_data": True}
+    raw["trainer"] = {**raw.get("trainer", {}), "max_steps": None}
+    with pytest.raises(ConfigError, match=r"cascade.disjoint_data.*teacher->student/DPT.*set trainer.max_steps"):
+        validate_config(raw)
+    raw["trainer"]["max_steps"] = 4
+    assert validate_config(raw).cascade.disjoint_data
+
+
 def test_set_overrides_parse_yaml_values_and_list_indices(tmp_path):
     path = tmp_path / "job.yaml"
     raw = base()

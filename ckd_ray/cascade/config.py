@@ -57,6 +57,9 @@ class StageConfig(Section):
     """Role (a key of `models`) that trains in this stage."""
     teacher: str | None = None
     """Role that teaches; its trained checkpoint is used when teacher preparation ran."""
+    teachers: list[str] = []
+    """Several roles that teach at once, instead of `teacher`: each one's signal is cached by its
+    own pass, and the KL terms fuse them per token by `loss.fusion` (e.g. `[ta, teacher]`)."""
     steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(kind=k) for k in ("DPT", "SFT", "DFT")])
     """Steps in order (default LLaVA-KD: DPT, SFT, DFT)."""
     hop_levels: list[int] | None = None
@@ -69,12 +72,26 @@ class StageConfig(Section):
     def _bare_names(cls, value: Any) -> Any:
         return _bare_step_names(value)
 
+    @model_validator(mode="after")
+    def _one_or_several_teachers(self) -> "StageConfig":
+        if self.teachers and self.teacher is not None:
+            raise ValueError("both `teacher` and `teachers` are set: keep `teacher` for one, `teachers` for several")
+        if self.teachers and (len(self.teachers) < 2 or len(set(self.teachers)) != len(self.teachers)):
+            raise ValueError(f"`teachers` {self.teachers} must name at least two distinct roles (one teacher: set `teacher`)")
+        return self
+
+    @property
+    def teacher_roles(self) -> list[str]:
+        """The roles that teach this stage: `teachers`, or `teacher` alone, or none."""
+        return list(self.teachers) or ([self.teacher] if self.teacher else [])
+
     @property
     def label(self) -> str:
-        return self.name or (f"{self.teacher}->{self.learner}" if self.teacher else f"{self.learner}-alone")
+        teachers = "+".join(self.teacher_roles)
+        return self.name or (f"{teachers}->{self.learner}" if teachers else f"{self.learner}-alone")
 
 
-PlanName = Literal["bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end"]
+PlanName = Literal["bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end", "fused"]
 PLAN_NAMES = get_args(PlanName)
 
 
@@ -85,7 +102,8 @@ class CascadeConfig(Section):
     plan: PlanName | None = None
     """A named plan: bottom_up (LLaVA-CKD: TA->S, then T->S), single_teacher (LLaVA-KD: T->S),
     top_down (T->TA, then TA->S), student_only (TinyLLaVA: PT, FT), progressive (seed 000: T->S
-    over hop levels 0, <=1, all), end_to_end (seed 000's baseline: T->S on all levels at once)."""
+    over hop levels 0, <=1, all), end_to_end (seed 000's baseline: T->S on all levels at once),
+    fused (TA and teacher fused per token into S in one stage, `loss.fusion`)."""
     prepare_teachers: bool = True
     """Train each teacher role without distillation (TinyLLaVA recipe) before it teaches."""
     teacher_prep_steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(kind=k) for k in ("PT", "FT")])
@@ -99,6 +117,18 @@ class CascadeConfig(Section):
     removed (DPT becomes PT, DFT becomes FT, with the same budgets and learning rates), after the
     plan; it is scored as the `student-alone` row of the report, so the distilled students stand
     beside a student trained on the same optimizer steps without a teacher."""
+    disjoint_data: bool = False
+    """Each learner's steps read disjoint shares of one pool of the training data instead of each
+    reading the first samples of the data order its budget needs: per data kind (captions,
+    instructions) the pool is the first N records of the order seeded by `data.shuffle_seed` +
+    `seed` (a job's seed draws its own pool; evaluation samples do not change with it), N
+    what the learner's steps consume at their budgets (max_steps x samples per optimizer step /
+    epochs, summed); consecutive steps on the same hop levels split what those levels hold in
+    proportion to their budgets, and a curriculum stage takes what its levels hold that earlier
+    stages left (it orders the pool by complexity instead of reading more of the easy levels).
+    Plans with the same budgets thus see the same distinct samples per hop level, however they
+    split them into steps (`ckd-ray experiment`). Each step still makes its `max_steps`
+    optimizer steps, passing over its share as often as that takes; every step needs a budget."""
 
     @field_validator("teacher_prep_steps", mode="before")
     @classmethod
@@ -125,7 +155,7 @@ class CascadeConfig(Section):
         steps = [step.model_copy(update={"kind": ALONE_KIND.get(step.kind, step.kind), "loss": None, "lr": step.lr or lr[step.kind]})
                  for stage in student for step in stage.steps]
         hops = student[0].hop_levels if student else None
-        return StageConfig(name="student-alone", learner=CONTROL_ROLE, teacher=None, steps=steps, hop_levels=hops)
+        return StageConfig(name="student-alone", learner=CONTROL_ROLE, teacher=None, teachers=[], steps=steps, hop_levels=hops)
 
 
 def default_weights(kind: str):
@@ -167,6 +197,8 @@ def plan_stages(plan: str) -> list[StageConfig]:
             StageConfig(name="progressive-2-hop1", teacher="teacher", steps=["DFT"], hop_levels=[0, 1]),
             StageConfig(name="progressive-3-hop2", teacher="teacher", steps=["DFT"], hop_levels=[0, 1, 2]),
         ]
+    if plan == "fused":
+        return [StageConfig(teachers=["ta", "teacher"], steps=kd)]
     if plan == "end_to_end":
         return [StageConfig(name="end-to-end", teacher="teacher", steps=["DPT", "SFT", "DFT", "DFT", "DFT"])]
     raise ValueError(f"unknown plan {plan!r}: use one of {PLAN_NAMES}")

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
 
 from ckd_ray import storage
 from ckd_ray.config.job import JobConfig
@@ -12,11 +17,89 @@ from ckd_ray.config.job import JobConfig
 VALIDATION_SAMPLES = 256
 
 
+@dataclass(frozen=True)
+class StepReads:
+    """The training records one step reads, in the order planned for them: each record's source
+    label, ordinal in that source and hop level (a few bytes a record, planned on the driver)."""
+
+    kind: str
+    """`caption` or `instruct`."""
+    labels: np.ndarray  # object [N]
+    ordinals: np.ndarray  # int64 [N]
+    hops: np.ndarray  # int [N]
+
+    @property
+    def num_records(self) -> int:
+        return len(self.ordinals)
+
+    def take(self, positions: np.ndarray) -> "StepReads":
+        return StepReads(self.kind, self.labels[positions], self.ordinals[positions], self.hops[positions])
+
+    def digest(self) -> str:
+        """Identifies the records (not their order): a signal cache entry is reused only for these."""
+        records = sorted(zip(self.labels.tolist(), self.ordinals.tolist()))
+        return hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+
+
+def split_pool(pool_hops: np.ndarray, steps: Sequence[tuple[float, tuple[int, ...] | None]]) -> list[np.ndarray]:
+    """Which positions of a pool each step reads (`cascade.disjoint_data`): disjoint, each in pool
+    order. `pool_hops`: the hop level of each pool record, in the pool's seeded order; `steps`, in
+    plan order: (the samples the step's budget consumes, the hop levels it allows or None for all).
+
+    Consecutive steps that allow the same levels share what those levels hold that earlier steps
+    left, in proportion to their budgets: six steps of 40 optimizer steps split a pool exactly as
+    three of 80 do, and a curriculum (hop 0, then <= 1, then all) takes the pool's hop-0 records
+    first, then its hop-1 records, then the rest: one pool ordered by complexity."""
+    taken = np.zeros(len(pool_hops), dtype=bool)
+    shares: list[np.ndarray] = []
+    start = 0
+    while start < len(steps):
+        levels = steps[start][1]
+        stop = start + 1
+        while stop < len(steps) and steps[stop][1] == levels:
+            stop += 1
+        allowed = ~taken if levels is None else ~taken & np.isin(pool_hops, np.asarray(levels))
+        positions = np.flatnonzero(allowed)
+        weights = np.cumsum([budget for budget, _ in steps[start:stop]], dtype=np.float64)
+        bounds = np.rint(weights / weights[-1] * len(positions)).astype(np.int64)
+        shares += [positions[a:b] for a, b in zip(np.concatenate([[0], bounds[:-1]]), bounds)]
+        taken[positions] = True
+        start = stop
+    return shares
+
+
+def plan_records(plan) -> tuple[np.ndarray, np.ndarray]:
+    """(source labels, ordinals) of every record of a `ReadPlan`, in the order its tasks yield them."""
+    labels, ordinals = [], []
+    for task in plan.tasks:
+        if "parts" in task:  # a shuffled task: its rows are its parts' records, permuted by `order`
+            names = np.concatenate([np.full(len(part["ordinals"]), part["source"], dtype=object) for part in task["parts"]])
+            labels.append(names[task["order"]])
+        else:
+            labels.append(np.full(len(task["ordinals"]), task["source"], dtype=object))
+        ordinals.append(np.asarray(task["ordinals"], dtype=np.int64))
+    if not ordinals:
+        return np.array([], dtype=object), np.array([], dtype=np.int64)
+    return np.concatenate(labels), np.concatenate(ordinals)
+
+
+def distinct_samples(reads: Sequence[StepReads]) -> dict[str, int]:
+    """Distinct records over `reads` (one learner's steps): captions, and instructions per hop
+    level (`hop N`), as the experiment table shows them."""
+    seen: dict[str, dict[tuple, int]] = {"caption": {}, "instruct": {}}
+    for step in reads:
+        seen[step.kind].update(zip(zip(step.labels.tolist(), step.ordinals.tolist()), step.hops.tolist()))
+    out = {"captions": len(seen["caption"])}
+    for level in sorted(set(seen["instruct"].values())):
+        out[f"hop {level}"] = sum(1 for hop in seen["instruct"].values() if hop == level)
+    return out
+
+
 class StepData:
     """Builds `ray.data.Dataset`s for the steps of one job; the processor (tokenizer + image
     processor) is the benchmark's or the student's, loaded once."""
 
-    def __init__(self, job: JobConfig, run_uri: str):
+    def __init__(self, job: JobConfig, run_uri: str, catalogs: dict | None = None):
         self.job = job
         self.run_uri = run_uri
         data = job.data
@@ -33,11 +116,12 @@ class StepData:
             raise ValueError("no processor folder: set data.processor, data.benchmark_root, or models.student.path")
         self._processor = None
         self._passes = {}
-        self._catalogs: dict = {}  # one catalog pass per source for the whole job
+        self._catalogs: dict = {} if catalogs is None else catalogs  # one catalog pass per source (a caller may share it across jobs)
         self._validation: dict = {}
         self._rejects_book = None
         self._evaluation_sets: list | None = None
         self._evaluation_rows: list[dict] | None = None
+        self._pool_reads: dict[str, StepReads] | None = None
 
     @property
     def rejects_book(self):
@@ -89,12 +173,13 @@ class StepData:
     def _hops(self, planned):
         return planned.stage.hop_levels if planned.data_kind == "instruct" else None
 
-    def _build(self, name: str, sources, hops, shuffle: bool = True, metrics=None, limit: int | None = None):
+    def _build(self, name: str, sources, hops, shuffle: bool = True, metrics=None, limit: int | None = None,
+               catalogs: dict | None = None, mix: bool = True):
         from ckd_ray.data.pipeline import build_student_dataset
 
         rejects_uri = storage.join(self.run_uri, "rejects", f"{name}.jsonl")
         student = build_student_dataset(sources, self.processor, self.job.data, rejects_uri=rejects_uri, hops=hops,
-                                        shuffle=shuffle, metrics=metrics, catalogs=self._catalogs,
+                                        shuffle=shuffle, mix=mix, metrics=metrics, catalogs=self._catalogs if catalogs is None else catalogs,
                                         rejects_book=self.rejects_book, limit=limit)
         self._passes[name] = student
         return student
@@ -107,6 +192,13 @@ class StepData:
         from ckd_ray.observability.metrics import DataMetrics
 
         metrics = DataMetrics(self.job.name, planned.stage.label, planned.step.kind)  # the labels of the step's student metrics
+        if self.job.cascade.disjoint_data:
+            reads = self.step_reads(planned)
+            sources = [s for s in self._sources(planned) if (reads.labels == s.label).any()]
+            # The pipeline's own read plan over exactly the step's records (mixed already, in the pool).
+            student = self._build(planned.step_id, sources, None, metrics=metrics, mix=False,
+                                  catalogs=self._restricted_catalogs(sources, reads))
+            return student.dataset, min(reads.num_records, student.num_records)
         needed = self.samples_needed(planned)
         student = self._build(planned.step_id, self._sources(planned), self._hops(planned), metrics=metrics, limit=needed)
         if needed is None:
@@ -117,6 +209,92 @@ class StepData:
         from ckd_ray.cascade.steps import samples_needed
 
         return samples_needed(self.job, planned.step)
+
+    def step_reads(self, planned) -> StepReads:
+        """The records a step of this job's plan reads with `cascade.disjoint_data` (see `planned_reads`)."""
+        if self._pool_reads is None:
+            from ckd_ray.cascade.plan import build_plan
+
+            self._pool_reads = self.planned_reads(build_plan(self.job))
+        if planned.step_id not in self._pool_reads:
+            raise ValueError(f"step {planned.step_id} is not a step of job {self.job.name!r}'s plan: cascade.disjoint_data "
+                             "splits the data over the job's own plan")
+        return self._pool_reads[planned.step_id]
+
+    def planned_reads(self, plan: list) -> dict[str, StepReads]:
+        """The records each step of `plan` reads, planned on the driver without Ray (one catalog pass
+        per source): with `cascade.disjoint_data`, each learner's share of its pool (`split_pool`);
+        otherwise the first samples of the step's own pass that its budget needs (all of them
+        without a budget; rejected records, which make a pass a little shorter, are not foreseen)."""
+        from ckd_ray.cascade.steps import samples_per_optimizer_step, step_budget
+        from ckd_ray.data.pipeline import plan_pass
+
+        reads: dict[str, StepReads] = {}
+        if not self.job.cascade.disjoint_data:
+            for planned in plan:
+                step = self._pass_reads(planned, plan_pass(self._sources(planned), self.job.data, hops=self._hops(planned),
+                                                           catalogs=self._catalogs))
+                needed = self.samples_needed(planned)
+                reads[planned.step_id] = step if needed is None else step.take(np.arange(min(needed, step.num_records)))
+            return reads
+        groups: dict[tuple[str, str], list] = {}
+        for planned in plan:
+            groups.setdefault((planned.learner, planned.data_kind), []).append(planned)
+        per_step = samples_per_optimizer_step(self.job)
+        # The job's seed draws its pool (the seeds of an experiment see different samples); the
+        # evaluation and validation samples stay those of data.shuffle_seed.
+        pool_data = self.job.data.model_copy(update={"shuffle_seed": self.job.data.shuffle_seed + self.job.seed})
+        for (learner, kind), steps in groups.items():
+            budgets = []
+            for planned in steps:
+                max_steps, epochs = step_budget(self.job, planned.step)
+                if max_steps is None:
+                    raise ValueError(f"step {planned.step_id} has no step budget: cascade.disjoint_data needs trainer.max_steps "
+                                     "or the step's max_steps")
+                budgets.append(max_steps * per_step / epochs)
+            order = self._pass_reads(steps[0], plan_pass(self._sources(steps[0]), pool_data, catalogs=self._catalogs))
+            size = math.ceil(sum(budgets) - 1e-9)
+            if size > order.num_records:
+                raise ValueError(
+                    f"the {kind} steps of {learner!r} consume {size} distinct samples at their budgets but the training data "
+                    f"holds {order.num_records}: raise trainer.epochs (each step then passes over fewer samples more often) "
+                    "or lower the steps' max_steps")
+            pool = order.take(np.arange(size))
+            shares = split_pool(pool.hops, [(budget, tuple(self._hops(p)) if self._hops(p) is not None else None)
+                                            for budget, p in zip(budgets, steps)])
+            for planned, positions in zip(steps, shares):
+                if not len(positions):
+                    raise ValueError(f"step {planned.step_id} gets no samples of {learner!r}'s pool: earlier steps read every "
+                                     f"record of hop levels {self._hops(planned)} in it")
+                reads[planned.step_id] = pool.take(positions)
+        return reads
+
+    def _pass_reads(self, planned, plan) -> StepReads:
+        labels, ordinals = plan_records(plan)
+        catalogs = {source.label: self._catalogs[source.model_dump_json()] for source in self._sources(planned)}
+        hops = np.empty(len(ordinals), dtype=np.int64)
+        for label, catalog in catalogs.items():
+            mine = labels == label
+            hops[mine] = catalog.hop[ordinals[mine]]
+        return StepReads(planned.data_kind, labels, ordinals, hops)
+
+    def _restricted_catalogs(self, sources, reads: StepReads) -> dict:
+        """The sources' catalogs with only the step's records selectable: the others look like
+        records of no split (and so does the source's own filter), so the pipeline's read plan,
+        shuffle and rejects accounting run over exactly these records, with their true ordinals."""
+        from ckd_ray.data.sources import SPLIT_CODES, UNLABELED, UNREADABLE
+
+        restricted = {}
+        for source in sources:
+            key = source.model_dump_json()
+            catalog = self._catalogs[key]
+            chosen = np.zeros(catalog.num_records, dtype=bool)
+            chosen[reads.ordinals[reads.labels == source.label]] = True
+            split = np.where(catalog.split == UNREADABLE, UNREADABLE, SPLIT_CODES["train"])
+            restricted[key] = replace(catalog, source=source.model_copy(update={"split": "train"}),
+                                      split=np.where(chosen, split, UNLABELED).astype(catalog.split.dtype),
+                                      hop=np.where(chosen, catalog.hop, 0).astype(catalog.hop.dtype))
+        return restricted
 
     def validation(self, planned):
         """A fixed slice of the validation split (same sources and curriculum filter), read once
@@ -183,7 +361,7 @@ class StepData:
         blob = json.dumps({
             "sources": [s.model_dump(mode="json") for s in self._sources(planned)],
             "hops": self._hops(planned),
-            "limit": self.samples_needed(planned),
+            "limit": self.step_reads(planned).digest() if self.job.cascade.disjoint_data else self.samples_needed(planned),
             "data": data,
             "processor": self.processor_uri,
         }, sort_keys=True)

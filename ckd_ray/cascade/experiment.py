@@ -4,13 +4,17 @@ accuracy and knowledge preservation after each curriculum stage vs end-to-end).
 
 Teachers are prepared once (TinyLLaVA recipe, in a run named by a digest of its config, so an
 unchanged recipe is never trained twice) and shared by every plan and seed, so the rows differ
-only in how the student learns. Cells are mean +- spread over seeds; the differences the papers
-claim get a paired bootstrap interval over the test samples.
+only in how the student learns. Every row runs in one Ray (joined once) and trains its whole plan
+on one worker group. Cells are mean +- spread over seeds; the differences the papers claim, and
+the ladder teacher > TA > student alone, get a paired bootstrap interval over seeds and test
+samples and a verdict; the table says how many optimizer steps and distinct samples (per hop
+level) each row's student had, and where the time went.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -51,8 +55,10 @@ class ExperimentConfig(Section):
     base: str
     """Job config every run starts from (path relative to this file)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    """Seeds of the student's runs; each runs every plan (cells: mean +- spread over seeds). The
-    teachers are prepared once, with the first seed, and shared by every seed."""
+    """Seeds of the student's runs (a row's `seed`: with `cascade.disjoint_data` it draws the
+    row's data pool, and it seeds whatever the student initializes); each runs every plan (cells:
+    mean +- spread over seeds). The teachers are prepared once, with the first seed, and shared
+    by every seed; every seed is scored on the same test samples."""
     overrides: dict = {}
     """Deep-merged over the base config for every run (e.g. the step budget)."""
     student_steps: int | None = Field(None, ge=1)
@@ -164,30 +170,53 @@ class _Row:
     records: list[list[dict]] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     samples: list[int] = field(default_factory=list)
+    distinct: list[dict] = field(default_factory=list)
+    """The student's distinct training samples over the plan: `captions`, `hop N` (instructions)."""
+    seconds: list[dict] = field(default_factory=list)
+    """Where each seed's run spent its time (`_recorded_seconds`)."""
 
 
 def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     """Prepares the teachers once, runs every (seed, plan) cascade (each resumable through its
     own manifest), and writes `table.md` and `table.json` into `<storage.root>/<experiment
     name>/`: mean and spread over seeds, the paired bootstrap of the differences the papers
-    claim, and the per-seed tables. Returns the table URI."""
+    claim and of the teacher > TA > student-alone ladder, the per-seed tables, and where the
+    time went. Returns the table URI."""
+    from ckd_ray.cascade.datasets import StepData, distinct_samples
     from ckd_ray.cascade.manifest import Manifest
-    from ckd_ray.cascade.runner import run_cascade
+    from ckd_ray.cascade.plan import build_plan
+    from ckd_ray.cascade.runner import check_model_folders, connect_ray, raise_storage_problems, run_cascade
 
-    root = storage.join(str(base.get("storage", {}).get("root", "runs")), experiment.name)
+    started = time.perf_counter()
     prep = validate_config(_teacher_prep_config(base, experiment))
+    root = storage.join(prep.storage.root, experiment.name)  # the runs' root, `--set storage.root` included
+    raise_storage_problems(prep)  # missing data or models: ConfigError before Ray starts
+    check_model_folders(prep)
+    # One Ray for the whole experiment: every run_cascade below joins this one (connect_ray is a
+    # no-op once connected), so rows pay no Ray start; each row trains its plan on one worker group.
+    clock = time.perf_counter()
+    connect_ray(prep.ray, metrics_export_port=prep.observability.metrics_export_port)
+    times = {"ray_start": time.perf_counter() - clock}
     log(f"[experiment] teachers: {prep.name}, prepared once for seeds {experiment.seeds} (reused when an earlier run prepared them)")
+    clock = time.perf_counter()
     run_cascade(prep, log=log)
     prepared = Manifest.open(prep.run_uri, prep)
+    times["teachers"] = {"wall": time.perf_counter() - clock, **_recorded_seconds(prepared)}
     teachers = {role: prepared.roles[role] for role in ("ta", "teacher")}
-    prepared_scores = {role: prepared.evaluations[f"prepare-{role} ({role})"]["scores"] for role in ("ta", "teacher")}
+    prepared_entries = {role: prepared.evaluations[f"prepare-{role} ({role})"] for role in ("ta", "teacher")}
+    prepared_scores = {role: entry["scores"] for role, entry in prepared_entries.items()}
+    prepared_records = {role: _read_records(entry["predictions_uri"]) for role, entry in prepared_entries.items()}
     rows: dict[str, _Row] = {run.name: _Row() for run in experiment.runs}
     stage_rows: dict[str, list[dict]] = {}
+    catalogs: dict = {}  # one catalog pass per source for every row's planned reads
     for seed in experiment.seeds:
         for run in experiment.runs:
             job = validate_config(_run_config(base, experiment, run, seed, teachers))
             log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
+            _reuse_teacher_scores(job, prep, prepared)
+            clock = time.perf_counter()
             run_cascade(job, log=log)
+            wall = time.perf_counter() - clock
             manifest = Manifest.open(job.run_uri, job)
             student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")][-1]
             row = rows[run.name]
@@ -195,20 +224,45 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
             row.records.append(_read_records(student["predictions_uri"]))
             row.steps.append(_student_total(manifest, "step"))
             row.samples.append(_student_total(manifest, "samples_seen"))
+            plan = build_plan(job)
+            reads = StepData(job, job.run_uri, catalogs).planned_reads(plan)
+            row.distinct.append(distinct_samples([reads[p.step_id] for p in plan if p.learner == "student"]))
+            row.seconds.append({"wall": wall, **_recorded_seconds(manifest)})
             if run.plan in ("progressive", "end_to_end"):
                 for name, entry in manifest.evaluations.items():
                     if name.endswith("(student)"):
                         stage_rows.setdefault(f"{run.name}: {name.removesuffix(' (student)')}", []).append(entry["scores"])
-    comparisons = _comparisons(experiment, rows)
-    table = _table(experiment, rows, stage_rows, prepared_scores, comparisons)
+    clock = time.perf_counter()
+    comparisons = _comparisons(experiment, rows, prepared_records)
+    times["statistics"] = time.perf_counter() - clock
+    times["total"] = time.perf_counter() - started
+    table = _table(experiment, rows, stage_rows, prepared_scores, comparisons, times)
     storage.write_bytes(storage.join(root, "table.md"), table.encode())
     storage.write_bytes(storage.join(root, "table.json"), json.dumps({
         "seeds": experiment.seeds, "teachers": {"run": prep.run_uri, "scores": prepared_scores},
-        "rows": {name: {"scores": r.scores, "student_steps": r.steps, "samples_seen": r.samples} for name, r in rows.items()},
-        "stages": stage_rows, "comparisons": {name: asdict(d) for name, d in comparisons.items()},
+        "rows": {name: {"scores": r.scores, "student_steps": r.steps, "samples_seen": r.samples, "distinct_samples": r.distinct,
+                        "seconds": r.seconds} for name, r in rows.items()},
+        "stages": stage_rows, "comparisons": {name: {**asdict(c), "verdict": c.verdict} for name, c in comparisons.items()}, "seconds": times,
     }, indent=2).encode())
     log(table)
     return storage.join(root, "table.md")
+
+
+def _reuse_teacher_scores(job, prep, prepared) -> None:
+    """A row scores the teachers of its stages (for knowledge preservation); the prepared ones
+    were scored by their own run on the same samples (same evaluation and data settings), so the
+    row's manifest starts with those scores and the row does not score them again."""
+    from ckd_ray.cascade.manifest import Manifest
+
+    if job.evaluation != prep.evaluation or job.data != prep.data:
+        return
+    manifest = Manifest.open(job.run_uri, job)
+    names = [f"prepare-{role} ({role})" for role in ("ta", "teacher")]
+    if all(name in manifest.evaluations for name in names):
+        return
+    for name in names:
+        manifest.evaluations.setdefault(name, {**prepared.evaluations[name], "seconds": 0.0})
+    manifest.save()
 
 
 def _read_records(uri: str) -> list[dict]:
@@ -222,23 +276,64 @@ def _student_total(manifest, metric: str) -> int:
     return int(sum(entry.get("metrics", {}).get(metric, 0) for entry in manifest.steps.values() if entry.get("learner") == "student"))
 
 
+def _recorded_seconds(manifest) -> dict[str, float]:
+    """Where a run's recorded time went, over all its steps and evaluations (recorded when they
+    ran, so a run resumed or found finished still shows what it cost): `teacher_passes`,
+    `worker_start` (the group's start), `training` (the rest of the steps' time: data, engine,
+    optimizer steps, checkpoints, validation), `evaluation`; and `worker_groups` started."""
+    steps = manifest.steps.values()
+    passes = sum(entry.get("phases", {}).get("teacher_pass", 0.0) for entry in steps)
+    start = sum(entry.get("phases", {}).get("worker_start", 0.0) for entry in steps)
+    total = sum(entry.get("seconds") or 0.0 for entry in steps)
+    return {"teacher_passes": passes, "worker_start": start, "training": max(0.0, total - passes - start),
+            "evaluation": sum(entry.get("seconds", 0.0) for entry in manifest.evaluations.values()),
+            "worker_groups": sum(1 for entry in steps if "worker_start" in entry.get("phases", {}))}
+
+
 # The differences the papers claim (seed 001: CKD over LLaVA-KD, bottom-up over top-down; seed 000:
-# the progressive curriculum over end-to-end), as (A, B, claim) by plan.
+# the progressive curriculum over end-to-end), as (A, B, claim) by plan; then the ladder a cascade
+# presumes, by prepared role (one model for every seed) and plan (the student alone is the
+# student_only row).
 CLAIMS = (
     ("bottom_up", "single_teacher", "LLaVA-CKD beats LLaVA-KD (seed 001, Table 1)"),
     ("bottom_up", "top_down", "bottom-up beats top-down (seed 001, Table 3)"),
     ("progressive", "end_to_end", "the progressive curriculum beats end-to-end (seed 000, Table 2)"),
+    ("teacher", "ta", "the prepared teacher beats the prepared TA"),
+    ("ta", "student_only", "the prepared TA beats the student alone"),
+    ("teacher", "student_only", "the prepared teacher beats the student alone"),
 )
 
 
-def _comparisons(experiment: ExperimentConfig, rows: dict[str, _Row]) -> dict[str, Difference]:
-    by_plan: dict[str, str] = {}
+@dataclass(frozen=True)
+class Comparison:
+    """A claim's difference over seeds and test samples, and each seed's own interval."""
+
+    overall: Difference
+    per_seed: tuple[Difference, ...]
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.overall)
+
+
+def verdict(difference: Difference) -> str:
+    """`holds` (the interval is above 0), `reversed` (below 0) or `not separable` (it holds 0)."""
+    if difference.low > 0:
+        return "holds"
+    return "reversed" if difference.high < 0 else "not separable"
+
+
+def _comparisons(experiment: ExperimentConfig, rows: dict[str, _Row], teachers: dict[str, list[dict]] | None = None) -> dict[str, Comparison]:
+    records: dict[str, list[list[dict]]] = {}
     for run in experiment.runs:
-        by_plan.setdefault(run.plan, run.name)  # the first row of a plan is its method's row
+        records.setdefault(run.plan, rows[run.name].records)  # the first row of a plan is its method's row
+    for role, answers in (teachers or {}).items():
+        records[role] = [answers] * len(experiment.seeds)  # one prepared model for every seed
     out = {}
     for a, b, claim in CLAIMS:
-        if a in by_plan and b in by_plan:
-            out[claim] = paired_bootstrap(rows[by_plan[a]].records, rows[by_plan[b]].records)
+        if records.get(a) and records.get(b):
+            out[claim] = Comparison(paired_bootstrap(records[a], records[b]),
+                                    tuple(paired_bootstrap([x], [y]) for x, y in zip(records[a], records[b])))
     return out
 
 
@@ -247,47 +342,58 @@ STAGES = {"student_only": "-", "single_teacher": "T->S", "bottom_up": "TA->S, T-
 
 
 def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict, prepared: dict,
-           comparisons: dict[str, Difference] | None = None) -> str:
+           comparisons: dict[str, Comparison] | None = None, times: dict | None = None) -> str:
     seeds = experiment.seeds
     teacher = prepared.get("teacher", {})
     first = next((r.records[0] for r in rows.values() if r.records), [])
     baselines = baseline_scores(first)  # the rows answered the same test samples
-    header = "| method | stages | student steps | samples seen | " + " | ".join(TABLE_METRICS) + " | preservation |"
-    rule = "|---|---|---:|---:|" + "---:|" * (len(TABLE_METRICS) + 1)
+    levels = sorted({key for r in rows.values() for d in r.distinct for key in d if key != "captions"})
+    budget = ["student steps", "samples seen", "distinct captions", *(f"distinct {level}" for level in levels)]
+    header = "| method | stages | " + " | ".join(budget) + " | " + " | ".join(TABLE_METRICS) + " | preservation |"
+    rule = "|---|---|" + "---:|" * (len(budget) + len(TABLE_METRICS) + 1)
+    no_budget = " | ".join("-" for _ in budget)
     spread = " +- sample standard deviation over seeds" if len(seeds) > 1 else ""
     lines = [f"# {experiment.name}", "", f"Seeds: {seeds}; scores on the benchmark's test split, mean{spread}; "
              "student steps and samples seen: the student's optimizer steps and training samples over the whole plan; "
+             "distinct: the different training samples among them (captions; instructions per hop level), as planned; "
              "preservation: the student's headline over the prepared teacher's. `grounded` (the headline): accuracy above the "
              "question-only answerer per question type, as a share of what it left, averaged over types (0: no better than "
              "reading the question); `margin`: accuracy minus question-only accuracy.", "", header, rule]
     for name, scores in baselines.items():
         cells = " | ".join(f"{scores.get(m, 0):.3f}" for m in TABLE_METRICS)
-        lines.append(f"| baseline: {name.replace('_', '-')} | - | - | - | {cells} | - |")
+        lines.append(f"| baseline: {name.replace('_', '-')} | - | {no_budget} | {cells} | - |")
     for role, label in (("teacher", "Teacher (prepared)"), ("ta", "TA (prepared)")):
         if role in prepared:
             cells = " | ".join(f"{prepared[role].get(m, 0):.3f}" for m in TABLE_METRICS)
-            lines.append(f"| {label} | - | - | - | {cells} | {_preservation(headline(prepared[role]), teacher)} |")
+            lines.append(f"| {label} | - | {no_budget} | {cells} | {_preservation(headline(prepared[role]), teacher)} |")
     for run in experiment.runs:
         row = rows[run.name]
         cells = " | ".join(_cell([s.get(m, 0.0) for s in row.scores]) for m in TABLE_METRICS)
         mean_headline = mean(headline(s) for s in row.scores) if row.scores else 0.0
-        steps = f"{mean(row.steps):.0f}" if row.steps else "-"
-        samples = f"{mean(row.samples):,.0f}" if row.samples else "-"
-        lines.append(f"| {run.method or run.plan} | {STAGES[run.plan]} | {steps} | {samples} | {cells} | {_preservation(mean_headline, teacher)} |")
+        counts = [row.steps, row.samples, [d.get("captions", 0) for d in row.distinct],
+                  *([d.get(level, 0) for d in row.distinct] for level in levels)]
+        budget_cells = " | ".join(f"{mean(values):,.0f}" if values else "-" for values in counts)
+        lines.append(f"| {run.method or run.plan} | {STAGES[run.plan]} | {budget_cells} | {cells} | {_preservation(mean_headline, teacher)} |")
     if comparisons:
-        lines += ["", "## The papers' claims (paired bootstrap over test samples)", "",
+        lines += ["", "## The papers' claims, and the ladder a cascade presumes (paired bootstrap)", "",
                   "Difference in the headline `grounded` (A - B), mean over seeds; interval: 95% paired bootstrap (the same "
-                  "resampled test samples for both rows and every seed); P(A <= B): share of draws in which A does not win.", "",
-                  "| claim | A - B | 95% interval | P(A <= B) | per seed | holds here |", "|---|---:|---|---:|---|---|"]
-        for claim, d in comparisons.items():
-            holds = "yes" if d.low > 0 else ("no: B is ahead" if d.high < 0 else "not separable")
-            per_seed = ", ".join(f"{x:+.3f}" for x in d.per_seed)
-            lines.append(f"| {claim} | {d.observed:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.p_not_better:.3f} | {per_seed} | {holds} |")
+                  "resampled test samples for both rows and every seed); P(A <= B): share of draws in which A does not win; "
+                  "per seed: each seed's difference and its own 95% interval; verdict: holds (interval above 0), reversed "
+                  "(below 0), not separable (it holds 0). The prepared teacher and TA are one model each, shared by every seed.", "",
+                  "| claim | A - B | 95% interval | P(A <= B) | per seed | seeds above 0 | verdict |", "|---|---:|---|---:|---|---:|---|"]
+        for claim, c in comparisons.items():
+            d = c.overall
+            per_seed = "; ".join(f"{x.observed:+.3f} [{x.low:+.3f}, {x.high:+.3f}]" for x in c.per_seed)
+            above = sum(1 for x in c.per_seed if x.low > 0)
+            lines.append(f"| {claim} | {d.observed:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.p_not_better:.3f} | {per_seed} | "
+                         f"{above}/{len(c.per_seed)} | {c.verdict} |")
     if stage_rows:
         lines += ["", "## Progressive curriculum (seed 000, Table 2 shape)", "", "| after | accuracy | grounded | preservation |", "|---|---|---|---|"]
         for name, scores in stage_rows.items():
             headlines = [headline(s) for s in scores]
             lines.append(f"| {name} | {_cell([s['accuracy'] for s in scores])} | {_cell(headlines)} | {_preservation(mean(headlines), teacher)} |")
+    if times:
+        lines += _time_lines(experiment, rows, times)
     if len(seeds) > 1:
         for k, seed in enumerate(seeds):
             lines += ["", f"## Seed {seed}", "", "| method | " + " | ".join(TABLE_METRICS) + " |", "|---|" + "---:|" * len(TABLE_METRICS)]
@@ -296,6 +402,32 @@ def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict
                 if k < len(scores):
                     lines.append(f"| {run.method or run.plan} | " + " | ".join(f"{scores[k].get(m, 0.0):.3f}" for m in TABLE_METRICS) + " |")
     return "\n".join(lines) + "\n"
+
+
+TIME_PARTS = ("teacher_passes", "worker_start", "training", "evaluation", "worker_groups")
+
+
+def _time_lines(experiment: ExperimentConfig, rows: dict[str, _Row], times: dict) -> list[str]:
+    """Where the experiment's time went: this command's wall time per part, and the seconds each
+    run recorded when it trained (a run found finished costs this command little, but its
+    recorded seconds are what it cost when it ran)."""
+    def row(label: str, wall: float, recorded: list[dict]) -> str:
+        parts = [sum(r.get(part, 0.0) for r in recorded) for part in TIME_PARTS]
+        return f"| {label} | {wall:,.0f} | " + " | ".join(f"{p:,.0f}" for p in parts) + " |"
+
+    teachers = times["teachers"]
+    lines = ["", "## Where the time went", "",
+             f"This command: {times['total']:,.0f} s in all (Ray started once: {times['ray_start']:.0f} s; statistics "
+             f"{times['statistics']:.0f} s). Recorded: seconds each run logged when its steps and evaluations ran, summed "
+             f"over seeds; training is everything of a step but its teacher pass and the worker group's start.", "",
+             "| part | wall, this command (s) | " + " | ".join(f"recorded {p.replace('_', ' ')}" + ("" if p == "worker_groups" else " (s)")
+                                                        for p in TIME_PARTS) + " |",
+             "|---|---:|" + "---:|" * len(TIME_PARTS),
+             row("teacher preparation (once)", teachers["wall"], [teachers])]
+    for run in experiment.runs:
+        seconds = rows[run.name].seconds
+        lines.append(row(f"{run.method or run.plan} ({len(seconds)} seeds)", sum(s["wall"] for s in seconds), seconds))
+    return lines
 
 
 def _cell(values: list[float]) -> str:

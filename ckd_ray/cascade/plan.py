@@ -22,6 +22,8 @@ class PlannedStep:
     learner: str
     teacher: str | None
     loss: LossConfig
+    teachers: tuple[str, ...] = ()
+    """The roles that teach the step: (teacher,), several for a fused stage, () for none."""
 
     @property
     def kind(self) -> str:
@@ -46,13 +48,13 @@ def teacher_roles_to_prepare(job: JobConfig) -> list[str]:
     learned: set[str] = set()
     roles: list[str] = []
     for stage in job.cascade.resolved_stages():
-        teacher = stage.teacher
-        if teacher and teacher not in roles and teacher not in learned and job.models[teacher].needs_preparation:
-            roles.append(teacher)
+        for teacher in stage.teacher_roles:
+            if teacher not in roles and teacher not in learned and job.models[teacher].needs_preparation:
+                roles.append(teacher)
         learned.add(stage.learner)
     # A top-down TA learns from the teacher before it teaches, so it starts from a prepared one too.
     for stage in job.cascade.resolved_stages():
-        if stage.teacher and stage.learner != "student" and stage.learner not in roles and job.models[stage.learner].needs_preparation:
+        if stage.teacher_roles and stage.learner != "student" and stage.learner not in roles and job.models[stage.learner].needs_preparation:
             roles.append(stage.learner)
     return roles
 
@@ -70,6 +72,7 @@ def build_plan(job: JobConfig) -> list[PlannedStep]:
             learner=stage.learner,
             teacher=stage.teacher,
             loss=effective_loss(job.loss, stage, step),
+            teachers=tuple(stage.teacher_roles),
         ))
 
     for role in teacher_roles_to_prepare(job):

@@ -121,7 +121,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     plan = build_plan(job)
     metrics = CascadeMetrics(job.name)
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
-    _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {p.teacher for p in plan if p.teacher} | {"student"})
+    _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {t for p in plan for t in p.teachers} | {"student"})
     histories: dict[str, list[dict]] = {}
     trained_now: list[str] = []  # the steps this command trains (a resumed run skips the others)
     # One worker group for the whole plan when passes can wait for their teacher beside it (the
@@ -181,7 +181,7 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
         if kind == "started":
             started_at[step_id] = payload.get("at", time.time())
             metrics.step_started(planned.stage.label, planned.kind, planned.index, len(plan))
-            log(f"[cascade] {_label(plan, planned)}: {planned.teacher or 'no teacher'} -> {planned.learner}, {planned.kind}")
+            log(f"[cascade] {_label(plan, planned)}: {' + '.join(planned.teachers) or 'no teacher'} -> {planned.learner}, {planned.kind}")
             if manifest.steps.get(step_id, {}).get("status") == "running":
                 log("[cascade]   resuming: an earlier run stopped in this step; training continues from its last checkpoint")
             if "worker_start_s" in payload:
@@ -271,7 +271,7 @@ class StepProgress:
 
 
 def _describe(planned: PlannedStep) -> dict:
-    return {"stage": planned.stage.label, "step": planned.kind, "learner": planned.learner, "teacher": planned.teacher,
+    return {"stage": planned.stage.label, "step": planned.kind, "learner": planned.learner, "teacher": "+".join(planned.teachers) or None,
             "weights": planned.loss.weights.model_dump(), "temperature": planned.loss.temperature,
             "hop_levels": planned.stage.hop_levels}
 
@@ -322,9 +322,11 @@ def _evaluate_stages(job: JobConfig, manifest: Manifest, ended: list[PlannedStep
     scored = {entry["model_uri"] for entry in manifest.evaluations.values()}
     todo = list(dict((uri, name) for name, uri in wanted if uri not in scored).items())
     if todo:
+        started = time.perf_counter()
         results = evaluate_models([uri for uri, _ in todo], rows, job.evaluation, use_gpu=job.trainer.use_gpu)
+        share = (time.perf_counter() - started) / len(todo)  # they ran side by side: each is charged its share of the wall time
         for (uri, name), result in zip(todo, results):
-            _record_scores(job, manifest, name, uri, result)
+            _record_scores(job, manifest, name, uri, result, share)
         if not manifest.baselines:
             manifest.baselines = baseline_scores(results[0]["records"])
     for planned in ended:
@@ -349,12 +351,13 @@ def _scores_of(manifest: Manifest, name: str, model_uri: str) -> dict:
     raise KeyError(f"no evaluation of {model_uri} in the manifest")
 
 
-def _record_scores(job: JobConfig, manifest: Manifest, name: str, model_uri: str, result: dict) -> None:
+def _record_scores(job: JobConfig, manifest: Manifest, name: str, model_uri: str, result: dict, seconds: float) -> None:
     # Every answer next to its reference, so a score can be checked (e.g. a model that always says "no").
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
     predictions_uri = storage.join(job.run_uri, "evaluations", f"{slug}.jsonl")
     storage.write_bytes(predictions_uri, "".join(json.dumps(record) + "\n" for record in result["records"]).encode())
-    manifest.evaluations[name] = {"scores": result["scores"], "model_uri": model_uri, "predictions_uri": predictions_uri}
+    manifest.evaluations[name] = {"scores": result["scores"], "model_uri": model_uri, "predictions_uri": predictions_uri,
+                                  "seconds": round(seconds, 2)}
 
 
 def _metrics_note(job: JobConfig) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from ckd_ray import storage
@@ -77,6 +77,41 @@ def attach_teacher_signal(job: JobConfig, planned, teacher_uri: str, learner_uri
     # The waiting workers get the pass's key, or its error.
     deferred.append(DeferredPass(partial(cache.run_ticketed, ticket_uri, find_or_run), planned.step_id, ready))
     return cache.read_when_ready(ticket_uri), spec, teacher_pass
+
+
+def attach_fused_signal(job: JobConfig, planned, teacher_uris: dict[str, str], learner_uri: str, dataset, data, log,
+                        deferred: list | None = None, ticket_uris: dict[str, str] | None = None, ready: dict | None = None):
+    """A step with several teachers (`planned.teachers`): each teacher's signal attached as
+    `attach_teacher_signal` attaches one (a cache hit, or its own pass: the entry a
+    single-teacher step of the same data uses), the rows zipped in order: the first teacher's
+    columns as they are, teacher i's `sample_id` and `sig_*` columns prefixed
+    (`fused_column_prefix`; the decoder checks the sample ids agree). Returns (dataset, spec,
+    {"source": ..., "teachers": {role: its pass}})."""
+    if not job.teacher_pool.use_cache:
+        raise ValueError(f"step {planned.step_id} fuses {list(planned.teachers)}: each teacher's pass is cached, so "
+                         "teacher_pool.use_cache must be true")
+    datasets, passes, spec = [], {}, None
+    for role in planned.teachers:
+        alone = replace(planned, teacher=role, teachers=(role,))
+        attached, spec, passes[role] = attach_teacher_signal(
+            job, alone, teacher_uris[role], learner_uri, dataset, data, log, deferred=deferred,
+            ticket_uri=ticket_uris[role] if ticket_uris else None, ready=(ready or {}).get(role))
+        datasets.append(attached)
+    return zip_teacher_signals(datasets), spec, {"source": " + ".join(p.get("source", "?") for p in passes.values()), "teachers": passes}
+
+
+def zip_teacher_signals(datasets: list):
+    """The teachers' signal datasets of one step (same rows, same order) as one dataset."""
+    from ckd_ray.teachers.signal import SIGNAL_PREFIX, fused_column_prefix
+
+    def prefixed(table, prefix: str):
+        names = [name for name in table.column_names if name == "sample_id" or name.startswith(SIGNAL_PREFIX)]
+        return table.select(names).rename_columns([prefix + name for name in names])  # zero-copy
+
+    zipped = datasets[0]
+    for index, other in enumerate(datasets[1:], start=1):
+        zipped = zipped.zip(other.map_batches(prefixed, fn_kwargs={"prefix": fused_column_prefix(index)}, batch_format="pyarrow"))
+    return zipped
 
 
 @dataclass

@@ -47,6 +47,18 @@ def samples_needed(job: JobConfig, step: StepConfig) -> int | None:
     return math.ceil(max_steps * samples_per_optimizer_step(job) / epochs)
 
 
+def passes_for_budget(job: JobConfig, step: StepConfig, num_train_samples: int) -> float:
+    """Epochs over `num_train_samples` that give a step exactly its `max_steps` optimizer steps
+    (`cascade.disjoint_data`: a step's samples are its share of a pool, so its budget, not
+    budget / epochs, sets how often it passes over them)."""
+    trainer = job.trainer
+    max_steps, epochs = step_budget(job, step)
+    batches_per_epoch = math.ceil(num_train_samples // trainer.num_workers / trainer.micro_batch_size)
+    if max_steps is None or batches_per_epoch < 1:
+        return epochs  # plan_step names what is missing
+    return (max_steps * trainer.grad_accum + 0.5) / batches_per_epoch  # + 0.5: floor() in plan_step must not lose a step
+
+
 def plan_step(
     job: JobConfig,
     stage: StageConfig,
@@ -119,6 +131,21 @@ def default_signal_decoder(job: JobConfig, attention_layers: dict[int, int], spe
     return partial(decode_signal, spec=spec or job.signal, attention_layers=dict(attention_layers))
 
 
+def fused_signal_decoder(job: JobConfig, attention_layers: dict[int, int], spec, roles) -> SignalDecoder:
+    """`ckd_ray.teachers.decode_fused_signal`: a step with several teachers, `roles` in order."""
+    from ckd_ray.teachers.signal import decode_fused_signal
+
+    return partial(decode_fused_signal, spec=spec or job.signal, attention_layers=dict(attention_layers), roles=list(roles))
+
+
+def teacher_uris(planned, roles: dict[str, str]):
+    """The model that teaches a step (its role's current checkpoint in `roles`), by role for a
+    step with several teachers; None for a step without one."""
+    if len(planned.teachers) > 1:
+        return {role: roles[role] for role in planned.teachers}
+    return roles[planned.teacher] if planned.teacher else None
+
+
 def run_step(
     job: JobConfig,
     stage: StageConfig,
@@ -157,8 +184,8 @@ class PreparedStep:
     teacher_pass: dict
     driver_phases: dict[str, float] = field(default_factory=dict)
     """data_planning and teacher_pass seconds, spent on the driver before the group starts."""
-    teacher_uri: str | None = None
-    """The model that taught the step (distillation steps)."""
+    teacher_uri: str | dict | None = None
+    """The model that taught the step (distillation steps); by role for several teachers."""
 
 
 def prepare_step(job: JobConfig, planned, data, *, init_model_uri: str, teacher_uri: str | None, vocab_learner_uri: str,
@@ -217,26 +244,50 @@ def _attach_signal(draft: _StepDraft, deferred: list | None = None) -> PreparedS
     teacher_pass, decoder, await_signal = {}, None, None
     trained = options["trained"] or planned
     if planned.distills:
+        from ckd_ray.cascade.signal import attach_fused_signal
+
         started, waiting = time.perf_counter(), len(deferred) if deferred is not None else 0
-        train_dataset, spec, teacher_pass = attach_teacher_signal(
-            job, options["signal_planned"] or planned, options["teacher_uri"], options["vocab_learner_uri"], train_dataset,
-            draft.data, options["log"], deferred=deferred, ticket_uri=options.get("ticket_uri"),
-            ready=options.get("teacher_ready"),
-        )
-        decoder = default_signal_decoder(job, trained.loss.attention_layers, spec)
+        signal_planned = options["signal_planned"] or planned
+        common = (options["vocab_learner_uri"], train_dataset, draft.data, options["log"])
+        if len(planned.teachers) > 1:
+            train_dataset, spec, teacher_pass = attach_fused_signal(
+                job, signal_planned, options["teacher_uri"], *common, deferred=deferred,
+                ticket_uris=options.get("ticket_uris"), ready=options.get("teacher_ready"))
+            decoder = fused_signal_decoder(job, trained.loss.attention_layers, spec, planned.teachers)
+        else:
+            train_dataset, spec, teacher_pass = attach_teacher_signal(
+                job, signal_planned, options["teacher_uri"], *common, deferred=deferred,
+                ticket_uri=(options.get("ticket_uris") or {}).get(planned.teacher), ready=(options.get("teacher_ready") or {}).get(planned.teacher),
+            )
+            decoder = default_signal_decoder(job, trained.loss.attention_layers, spec)
         if deferred is not None and len(deferred) > waiting:
-            # The pass runs while the group trains: its planned row count sizes the schedule (the
+            # The passes run while the group trains: its planned row count sizes the schedule (a
             # pass writes the same rows; rejected records only end the epoch a little earlier).
-            await_signal = partial(SignalCache(job.signal_cache_uri).wait_for_ticket, options["ticket_uri"])
+            tickets = [options["ticket_uris"][role] for role in planned.teachers]
+            await_signal = partial(_wait_for_tickets, SignalCache(job.signal_cache_uri), tickets)
         else:
             phases["teacher_pass"] = time.perf_counter() - started
-            num_rows = teacher_pass.get("samples", num_rows)
-    plan = plan_step(options["trainer_job"] or job, trained.stage, trained.step, init_model_uri=options["init_model_uri"],
+            num_rows = _pass_samples(teacher_pass, num_rows)
+    step = trained.step
+    if job.cascade.disjoint_data:  # the step's share of its pool: its budget sets the passes over it
+        step = step.model_copy(update={"epochs": passes_for_budget(job, step, num_rows)})
+    plan = plan_step(options["trainer_job"] or job, trained.stage, step, init_model_uri=options["init_model_uri"],
                      num_train_samples=num_rows, export_uri=options["export_uri"], step_id=planned.step_id,
                      checkpoint_prefix=options["checkpoint_prefix"], has_validation=draft.val_dataset is not None,
                      await_signal=await_signal)
     return PreparedStep(planned, TrainStep(plan, train_dataset, draft.val_dataset, decoder), teacher_pass, phases,
                         options["teacher_uri"] if planned.distills else None)
+
+
+def _wait_for_tickets(cache, ticket_uris: list[str]) -> None:
+    for ticket_uri in ticket_uris:
+        cache.wait_for_ticket(ticket_uri)
+
+
+def _pass_samples(teacher_pass: dict, planned_rows: int) -> int:
+    """The rows a step's pass (or, fused, its first teacher's pass) wrote; the planned count if unknown."""
+    first = next(iter(teacher_pass["teachers"].values())) if "teachers" in teacher_pass else teacher_pass
+    return first.get("samples", planned_rows)
 
 
 def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], *, output_uri: str, log,
@@ -260,23 +311,25 @@ def prepare_segment(job: JobConfig, segment: list, data, roles: dict[str, str], 
     for planned in segment:
         record_id = f"{planned.step_id}{suffix}"
         export_uri = storage.join(output_uri, "steps", record_id, EXPORT_FOLDER)
-        teacher_ready = None
-        if planned.distills and planned.teacher in trained_here:
-            if deferred is None:
-                raise ValueError(f"step {planned.step_id} learns from {planned.teacher!r}, trained earlier in the same worker group: "
-                                 "its pass must run beside the group (pass `deferred`)")
-            teacher_ready = export_ready(trained_here[planned.teacher])
+        teacher_ready = {}
+        for role in planned.teachers if planned.distills else ():
+            if role in trained_here:
+                if deferred is None:
+                    raise ValueError(f"step {planned.step_id} learns from {role!r}, trained earlier in the same worker group: "
+                                     "its pass must run beside the group (pass `deferred`)")
+                teacher_ready[role] = export_ready(trained_here[role])
+        signal_file = lambda role: "teacher_signal.json" if len(planned.teachers) == 1 else f"teacher_signal-{role}.json"
         drafts.append(_plan_data(
             job, planned, data, with_validation=True, val_dataset=None, init_model_uri=roles[planned.learner],
-            teacher_uri=roles.get(planned.teacher) if planned.teacher else None,
+            teacher_uri=teacher_uris(planned, roles),
             vocab_learner_uri=existing[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{record_id}/", log=log,
             signal_planned=None, trained=None, trainer_job=None, teacher_ready=teacher_ready,
-            ticket_uri=storage.join(output_uri, "steps", record_id, "teacher_signal.json"),
+            ticket_uris={role: storage.join(output_uri, "steps", record_id, signal_file(role)) for role in planned.teachers},
         ))
         roles[planned.learner] = export_uri
         trained_here[planned.learner] = export_uri
     later = [i for i, draft in enumerate(drafts)
-             if draft.options["teacher_ready"] is not None or (deferred is not None and job.teacher_pool.overlap_training)]
+             if draft.options["teacher_ready"] or (deferred is not None and job.teacher_pool.overlap_training)]
     prepared: dict[int, PreparedStep] = {i: _attach_signal(drafts[i], deferred) for i in later}
     now = [i for i in range(len(drafts)) if i not in prepared]
     passes = sum(1 for i in now if drafts[i].planned.distills)
@@ -363,7 +416,7 @@ def split_segments(plan: list, *, one_group: bool = False) -> list[list]:
     segments: list[list] = []
     trained: set[str] = set()
     for planned in plan:
-        if not segments or (planned.teacher is not None and planned.teacher in trained):
+        if not segments or any(role in trained for role in planned.teachers):
             segments.append([])
             trained = set()
         segments[-1].append(planned)
@@ -382,5 +435,5 @@ def _teacher_hidden_size(job: JobConfig, stage: StageConfig) -> int:
     return config.get("text_config", config)["hidden_size"]
 
 
-__all__ = ["EXPORT_FOLDER", "PreparedStep", "TeacherPasses", "default_signal_decoder", "plan_step", "prepare_segment", "prepare_step", "run_step",
-           "samples_needed", "split_segments", "step_budget"]
+__all__ = ["EXPORT_FOLDER", "PreparedStep", "TeacherPasses", "default_signal_decoder", "passes_for_budget", "plan_step", "prepare_segment", "prepare_step", "run_step",
+           "samples_needed", "split_segments", "step_budget", "teacher_uris"]

@@ -37,6 +37,8 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
         problems += _check_tune(config)
     if ok("models", "cascade"):
         problems += _check_control(config)
+    if ok("models", "cascade", "trainer"):
+        problems += _check_disjoint_data(config)
     if ok("data", "evaluation"):
         problems += _check_evaluation(config)
     return problems
@@ -58,6 +60,20 @@ def _check_control(config: JobConfig) -> list[Problem]:
         return [Problem(field, "the student's stages train on different hop levels (a curriculum), which one control stage cannot mirror",
                         "remove student_alone and compare with the experiment's student_only row (ckd-ray experiment)")]
     return []
+
+
+def _check_disjoint_data(config: JobConfig) -> list[Problem]:
+    """`cascade.disjoint_data` sizes each learner's pool from its steps' budgets: every step needs one."""
+    if not config.cascade.disjoint_data or config.trainer.max_steps is not None:
+        return []
+    cascade = config.cascade
+    unbudgeted = [f"{stage.label}/{step.kind}" for stage in cascade.resolved_stages() for step in stage.steps if step.max_steps is None]
+    unbudgeted += [f"teacher preparation/{step.kind}" for step in cascade.teacher_prep_steps
+                   if step.max_steps is None and cascade.prepare_teachers and any(m.needs_preparation for m in config.models.values())]
+    if not unbudgeted:
+        return []
+    return [Problem("cascade.disjoint_data", f"the steps {unbudgeted} have no step budget, so their share of the data pool is undefined",
+                    "set trainer.max_steps (or max_steps on each step), or remove disjoint_data")]
 
 
 def _check_evaluation(config: JobConfig) -> list[Problem]:
@@ -92,20 +108,55 @@ def _check_roles(config: JobConfig) -> list[Problem]:
     if "student" not in config.models:
         problems.append(Problem("models.student", "no student model", "add models.student (e.g. `preset: tiny-student`)"))
     for i, stage, at in _stages(config):
-        for attr in ("learner", "teacher"):
-            role = getattr(stage, attr)
+        named = [("learner", stage.learner), ("teacher", stage.teacher)] + [(f"teachers.{j}", r) for j, r in enumerate(stage.teachers)]
+        for attr, role in named:
             if role is not None and role not in config.models:
                 close = difflib.get_close_matches(role, roles, n=1)
                 fix = f"did you mean `{close[0]}`?" if close else f"add models.{role} or use one of {roles}"
                 problems.append(Problem(f"{at}.{attr}", f"role {role!r} is not in models", fix))
-        if stage.teacher is not None and stage.teacher == stage.learner:
-            problems.append(Problem(f"{at}.teacher", "a model cannot teach itself", "name another role"))
+        if stage.learner in stage.teacher_roles:
+            field = "teacher" if stage.teacher else f"teachers.{stage.teachers.index(stage.learner)}"
+            problems.append(Problem(f"{at}.{field}", "a model cannot teach itself", "name another role"))
         for j, step in enumerate(stage.steps):
-            if step.kind in DISTILLATION_STEPS and stage.teacher is None:
+            if step.kind in DISTILLATION_STEPS and not stage.teacher_roles:
                 problems.append(
                     Problem(f"{at}.steps.{j}", f"{step.kind} distills but the stage has no teacher",
                             f"set {at}.teacher, or use SFT/FT for plain training")
                 )
+        if stage.teachers:
+            problems += [problem for problem in _check_fusion(config, stage, at) if problem not in problems]  # a job-wide loss once
+    return problems
+
+
+def _check_fusion(config: JobConfig, stage, at: str) -> list[Problem]:
+    """A fused stage's `loss.fusion`: weights name its teachers, are >= 0 and not all 0; the terms
+    it cannot fuse yet are off."""
+    problems: list[Problem] = []
+    if not config.teacher_pool.use_cache and any(step.kind in DISTILLATION_STEPS for step in stage.steps):
+        problems.append(Problem("teacher_pool.use_cache", f"is false, but {at} fuses several teachers, whose passes are read from the cache",
+                                "set teacher_pool.use_cache: true"))
+    seen: set[str] = set()
+    for j, step in enumerate(stage.steps):
+        if step.kind not in DISTILLATION_STEPS:
+            continue
+        loss = effective_loss(config.loss, stage, step)
+        where = f"{at}.steps.{j}.loss" if step.loss else (f"{at}.loss" if stage.loss else "loss")
+        if where in seen:
+            continue
+        seen.add(where)
+        fusion = loss.fusion
+        for role in sorted(set(fusion.weights) - set(stage.teachers)):
+            problems.append(Problem(f"{where}.fusion.weights.{role}", f"is not one of the stage's teachers {stage.teachers}",
+                                    f"weigh one of {stage.teachers}, or remove it"))
+        bad = {role: w for role, w in fusion.weights.items() if not w >= 0}
+        for role, weight in bad.items():
+            problems.append(Problem(f"{where}.fusion.weights.{role}", f"= {weight} must be >= 0", "set a weight >= 0"))
+        if not bad and not any(fusion.weight_of(role) > 0 for role in stage.teachers):
+            problems.append(Problem(f"{where}.fusion.weights", f"every teacher of {stage.teachers} weighs 0",
+                                    "give at least one teacher a weight > 0"))
+        if loss.weights.feature > 0:
+            problems.append(Problem(f"{where}.weights.feature", "> 0 in a stage with several teachers: one feature projection "
+                                    "per teacher is not built yet", "set the weight to 0 in this stage, or distill from one `teacher`"))
     return problems
 
 
@@ -214,11 +265,11 @@ def _check_layers(config: JobConfig) -> list[Problem]:
     features, attention maps of layers 0..L-1, in each distilling stage's teacher (signal) and
     learner (the loss's keys)."""
     problems: list[Problem] = []
-    distilling = [(stage, at) for _, stage, at in _stages(config) if stage.teacher and any(s.kind in ("DPT", "DFT") for s in stage.steps)]
+    distilling = [(stage, at) for _, stage, at in _stages(config) if stage.teacher_roles and any(s.kind in ("DPT", "DFT") for s in stage.steps)]
     seen: set[tuple[str, str]] = set()
     for stage, at in distilling:
         loss = stage.loss or config.loss
-        for role, side in ((stage.teacher, "teacher"), (stage.learner, "learner")):
+        for role, side in [(teacher, "teacher") for teacher in stage.teacher_roles] + [(stage.learner, "learner")]:
             spec = config.models.get(role)
             layers = _num_layers(spec) if spec is not None else None
             if layers is None or (role, side) in seen:
@@ -241,15 +292,16 @@ def _check_layers(config: JobConfig) -> list[Problem]:
 def _check_sizes(config: JobConfig) -> list[Problem]:
     problems = []
     for i, stage, at in _stages(config):
-        if stage.teacher is None or stage.teacher not in config.models or stage.learner not in config.models:
-            continue
-        learner, teacher = _model_size(config.models[stage.learner]), _model_size(config.models[stage.teacher])
-        if learner is not None and teacher is not None and learner >= teacher:
-            problems.append(Problem(
-                f"{at}.teacher",
-                f"learner {stage.learner!r} (~{learner:,} LLM parameters) is not smaller than teacher {stage.teacher!r} (~{teacher:,})",
-                "swap the roles, or give the teacher role a larger model",
-            ))
+        for j, role in enumerate(stage.teacher_roles):
+            if role not in config.models or stage.learner not in config.models:
+                continue
+            learner, teacher = _model_size(config.models[stage.learner]), _model_size(config.models[role])
+            if learner is not None and teacher is not None and learner >= teacher:
+                problems.append(Problem(
+                    f"{at}.teachers.{j}" if stage.teachers else f"{at}.teacher",
+                    f"learner {stage.learner!r} (~{learner:,} LLM parameters) is not smaller than teacher {role!r} (~{teacher:,})",
+                    "swap the roles, or give the teacher role a larger model",
+                ))
     return problems
 
 
@@ -281,31 +333,33 @@ def model_folder_problems(config: JobConfig, *, at_start: bool = False) -> list[
             continue
         folders[role] = folder
     seen = set()
-    for _, stage, at in _stages(config):
-        pair = (stage.learner, stage.teacher)
-        if pair in seen or stage.learner not in folders or stage.teacher not in folders:
+    pairs = [(stage.learner, role, f"{at}.teachers.{j}" if stage.teachers else f"{at}.teacher")
+             for _, stage, at in _stages(config) for j, role in enumerate(stage.teacher_roles)]
+    for learner, teacher, field in pairs:
+        pair = (learner, teacher)
+        if pair in seen or learner not in folders or teacher not in folders:
             continue
         seen.add(pair)
         try:
-            found = pair_problems(folders[stage.learner], folders[stage.teacher])
+            found = pair_problems(folders[learner], folders[teacher])
         except (AttributeError, KeyError, TypeError):  # JSON, but not the files transformers writes
             found = []
             for role in pair:
                 problems.append(Problem(f"models.{role}.path", "its tokenizer.json, config.json or preprocessor_config.json is not a Hugging Face file",
                                         f"restore them from the model's source, or point models.{role}.path at an intact copy"))
         for message, fix in found:
-            problems.append(Problem(f"{at}.teacher", message, fix))
+            problems.append(Problem(field, message, fix))
     return problems
 
 
 def _check_tune(config: JobConfig) -> list[Problem]:
     problems = []
-    names = set(LOSS_TERMS) | set(GREEK_ALIASES) | {"temperature"}
+    names = set(LOSS_TERMS) | set(GREEK_ALIASES) | {"temperature", "fusion_temperature"}
     for key, dim in config.tune.space.items():
         stage, _, name = key.rpartition(".")
         if name not in names:
             close = difflib.get_close_matches(name, sorted(names), n=1)
-            problems.append(Problem(f"tune.space.{key}", "not a loss term or `temperature`",
+            problems.append(Problem(f"tune.space.{key}", "not a loss term, `temperature` or `fusion_temperature`",
                                     f"did you mean `{close[0]}`?" if close else f"use one of {sorted(names)}"))
         if stage and not (stage.isdigit() and 1 <= int(stage) <= len(config.cascade.resolved_stages())):
             problems.append(Problem(f"tune.space.{key}", f"stage prefix {stage!r} names no stage",

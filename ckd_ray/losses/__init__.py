@@ -1,5 +1,6 @@
 """Distillation loss terms: pure functions of tensors and masks, computed in float32 log-space.
 
+Several teachers fused per token: ``ckd_ray.losses.fusion``, through ``FusedTeacherSignal``.
 One function per term (``task_loss``, ``kl_loss_topk`` / ``kl_loss_sparse`` / ``kl_loss_dense`` for ``output`` and
 ``visual_kl``, ``visual_relation_loss``, ``feature_loss``, ``knowledge_loss``,
 ``attention_loss``) and ``distillation_loss``, which weighs them and reports each one.
@@ -7,7 +8,9 @@ One function per term (``task_loss``, ``kl_loss_topk`` / ``kl_loss_sparse`` / ``
 
 from ckd_ray.losses.attention import attention_loss, gather_visual_keys
 from ckd_ray.losses.composite import (
+    FUSION_PREFIX,
     TERM_NAMES,
+    FusedTeacherSignal,
     NonFiniteLossError,
     SparseLogits,
     StudentOutputs,
@@ -25,8 +28,10 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "IGNORE_INDEX",
     "KL_DIRECTIONS",
+    "FUSION_PREFIX",
     "TERM_NAMES",
     "FeatureProjection",
+    "FusedTeacherSignal",
     "KLDirection",
     "NonFiniteLossError",
     "SparseLogits",

@@ -8,6 +8,12 @@ Positions each term reads (``*_mask_BL`` are the data pipeline's masks):
 * ``knowledge``: the answer position of each sample with candidate facts;
 * ``attention``: response positions as queries, visual positions as keys, at the student layers
   the teacher shipped attention for.
+
+Several teachers (``FusedTeacherSignal``, a stage with several `teachers`): ``output`` and
+``visual_kl`` are the KL to the teachers' per-token fusion (``ckd_ray.losses.fusion``; the label of
+an ``output`` position is its target token, visual positions have none), and the report adds each
+teacher's mean weight, ``fusion_<term>/<role>``; the other teacher terms are each teacher's term
+weighted by ``fusion.weights`` (normalised).
 """
 
 import math
@@ -19,13 +25,15 @@ import torch
 
 from ckd_ray.losses.attention import attention_loss, gather_visual_keys
 from ckd_ray.losses.feature import FeatureProjection, feature_loss
+from ckd_ray.losses.fusion import fused_kl_loss
 from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KLDirection, kl_loss_sparse, kl_loss_topk
 from ckd_ray.losses.knowledge import fact_log_probs, knowledge_loss, soften_fact_log_probs
 from ckd_ray.losses.relation import visual_relation_loss
 from ckd_ray.losses.task import task_loss
 from ckd_ray.losses.terms import TERM_NAMES
 
-
+FUSION_PREFIX = "fusion_"
+"""Report entries ``fusion_<term>/<role>``: a teacher's mean per-token weight, not a loss term."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -107,10 +115,18 @@ class TeacherSignalBatch:
     answer_pos_B: torch.Tensor | None = None
 
 
+@dataclass
+class FusedTeacherSignal:
+    """The signals of several teachers for one batch (a stage with several `teachers`), by role in
+    the stage's order; the loss fuses them as its ``fusion`` argument says."""
+
+    teachers: dict[str, TeacherSignalBatch]
+
+
 def distillation_loss(
     weights: Any,
     student: StudentOutputs,
-    signal: TeacherSignalBatch,
+    signal: TeacherSignalBatch | FusedTeacherSignal,
     *,
     target_ids_BL: torch.Tensor,
     response_mask_BL: torch.Tensor,
@@ -119,6 +135,7 @@ def distillation_loss(
     kl_direction: KLDirection = "forward",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     projection: FeatureProjection | None = None,
+    fusion: Any = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``total = sum_term weight * term`` and a report of every computed term.
 
@@ -127,41 +144,82 @@ def distillation_loss(
     a positive weight whose inputs are missing raises one ValueError listing every such field.
     Returns the total (with gradient) and ``{term: detached unweighted value, ..., "total": ...}``.
     Raises NonFiniteLossError naming the term when any term is NaN or infinite.
+
+    With a ``FusedTeacherSignal``, ``fusion`` (the config's ``FusionConfig``: ``rule``,
+    ``temperature``, ``weight_of(role)``) says how the teachers are fused (module docstring);
+    ``projection`` is then a mapping role -> FeatureProjection when the feature term is on.
     """
     term_weights = _read_weights(weights)
-    problems = _missing_inputs(term_weights, student, signal, projection)
+    fused = isinstance(signal, FusedTeacherSignal)
+    if fused and fusion is None:
+        raise ValueError("several teachers' signal but no `fusion` settings: pass the loss config's fusion")
+    teachers = signal.teachers if fused else {None: signal}
+    problems = []
+    for role, teacher in teachers.items():
+        found = _missing_inputs(term_weights, student, teacher, projection[role] if fused and isinstance(projection, Mapping) else projection)
+        problems += [f"teacher {role!r}: {problem}" if fused else problem for problem in found]
     if problems:
         raise ValueError("cannot compute the distillation loss:\n  " + "\n  ".join(problems))
     logits_BLV = student.logits_BLV
     kl_options = dict(temperature=temperature, direction=kl_direction, chunk_size=chunk_size)
     terms: dict[str, torch.Tensor] = {}
+    fusion_report: dict[str, torch.Tensor] = {}
+    role_weights = _normalised_role_weights(fusion, teachers) if fused else {None: 1.0}
+
+    def per_teacher(term) -> torch.Tensor:
+        """The term of each teacher, weighted (one teacher: its term)."""
+        return sum(weight * term(teachers[role], role) for role, weight in role_weights.items() if weight > 0)
+
+    def kl_term(name: str, field: str, mask_BL, labels_BL) -> torch.Tensor:
+        if not fused:
+            return _teacher_kl(logits_BLV, getattr(signal, field), mask_BL, kl_options)
+        loss, mean_weight_K = fused_kl_loss(
+            logits_BLV, [getattr(teacher, field) for teacher in teachers.values()], mask_BL, rule=fusion.rule,
+            labels_BL=labels_BL, fixed_weights=list(role_weights.values()), rule_temperature=fusion.temperature, **kl_options)
+        fusion_report.update({f"{FUSION_PREFIX}{name}/{role}": mean_weight_K[k] for k, role in enumerate(teachers)})
+        return loss
+
     if term_weights["task"]:
         terms["task"] = task_loss(logits_BLV, target_ids_BL, response_mask_BL, chunk_size=chunk_size)
     if term_weights["output"]:
-        terms["output"] = _teacher_kl(logits_BLV, signal.response_topk, response_mask_BL, kl_options)
+        terms["output"] = kl_term("output", "response_topk", response_mask_BL, target_ids_BL.masked_fill(~response_mask_BL, -1))
     if term_weights["visual_kl"]:
-        terms["visual_kl"] = _teacher_kl(logits_BLV, signal.visual_topk, visual_mask_BL, kl_options)
+        terms["visual_kl"] = kl_term("visual_kl", "visual_topk", visual_mask_BL, None)
     if term_weights["visual_relation"]:
-        terms["visual_relation"] = visual_relation_loss(
-            logits_BLV, visual_mask_BL, signal.gram_BNN, signal.visual_count_B
-        )
+        terms["visual_relation"] = per_teacher(lambda teacher, role: visual_relation_loss(
+            logits_BLV, visual_mask_BL, teacher.gram_BNN, teacher.visual_count_B))
     if term_weights["feature"]:
-        terms["feature"] = feature_loss(student.hidden_states, signal.hidden_states, projection, response_mask_BL)
+        terms["feature"] = per_teacher(lambda teacher, role: feature_loss(
+            student.hidden_states, teacher.hidden_states, projection[role] if fused else projection, response_mask_BL))
     if term_weights["knowledge"]:
-        student_fact_log_probs_BF = fact_log_probs(
-            logits_BLV, signal.answer_pos_B, signal.fact_token_ids_BFT, signal.fact_mask_BF, temperature
-        )
-        teacher_fact_log_probs_BF = soften_fact_log_probs(signal.fact_log_probs_BF, signal.fact_mask_BF, temperature)
-        terms["knowledge"] = knowledge_loss(student_fact_log_probs_BF, teacher_fact_log_probs_BF, signal.fact_mask_BF)
+        student_fact_log_probs_BF = None
+
+        def knowledge(teacher, role):
+            nonlocal student_fact_log_probs_BF
+            if student_fact_log_probs_BF is None:  # the student side is the same for every teacher
+                student_fact_log_probs_BF = fact_log_probs(
+                    logits_BLV, teacher.answer_pos_B, teacher.fact_token_ids_BFT, teacher.fact_mask_BF, temperature)
+            teacher_fact_log_probs_BF = soften_fact_log_probs(teacher.fact_log_probs_BF, teacher.fact_mask_BF, temperature)
+            return knowledge_loss(student_fact_log_probs_BF, teacher_fact_log_probs_BF, teacher.fact_mask_BF)
+
+        terms["knowledge"] = per_teacher(knowledge)
     if term_weights["attention"]:
-        terms["attention"] = _mean_attention_loss(
-            student.attentions, signal.attentions, response_mask_BL, visual_mask_BL
-        )
+        terms["attention"] = per_teacher(lambda teacher, role: _mean_attention_loss(
+            student.attentions, teacher.attentions, response_mask_BL, visual_mask_BL))
     _check_finite(terms)
     total = sum(term_weights[name] * value for name, value in terms.items())
     report = {name: value.detach() for name, value in terms.items()}
     report["total"] = total.detach()
+    report.update(fusion_report)
     return total, report
+
+
+def _normalised_role_weights(fusion, teachers: Mapping[str, Any]) -> dict[str, float]:
+    weights = {role: float(fusion.weight_of(role)) for role in teachers}
+    total = sum(weights.values())
+    if not (math.isfinite(total) and total > 0) or any(not (math.isfinite(w) and w >= 0) for w in weights.values()):
+        raise ValueError(f"fusion weights {weights} must be finite, >= 0 and not all 0")
+    return {role: weight / total for role, weight in weights.items()}
 
 
 def _teacher_kl(logits_BLV, topk: TopKLogits | SparseLogits, mask_BL, kl_options) -> torch.Tensor:

@@ -35,6 +35,24 @@ class LossWeights(Section):
         return [term for term in LOSS_TERMS if getattr(self, term) > 0]
 
 
+class FusionConfig(Section):
+    """How a stage with several `teachers` fuses them per token (`ckd_ray.losses.fusion`)."""
+
+    rule: Literal["fixed", "min_ce", "confidence", "entropy"] = "confidence"
+    """Per-token teacher weights of the KL terms: fixed (the `weights` below), min_ce (FuseLLM: the
+    teacher with the lowest CE on the label token), confidence (CA-MKD: (1 - softmax(CE / temperature))
+    / (K - 1)), entropy (softmax(-entropy / temperature)). The label rules use entropy weights on
+    tokens without a label (visual tokens)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """tau of the confidence and entropy rules (Ray Tune: `fusion_temperature`); not the KL's T."""
+    weights: dict[str, float] = {}
+    """Per teacher role, >= 0: the fixed rule's weights, and the weights of the terms fused per
+    teacher (visual_relation, feature, attention, knowledge). A role left out weighs 1."""
+
+    def weight_of(self, role: str) -> float:
+        return self.weights.get(role, 1.0)
+
+
 class LossConfig(Section):
     """How the student's loss is formed in distillation steps (DPT, DFT)."""
 
@@ -50,3 +68,5 @@ class LossConfig(Section):
     """Feature term layer map, student hidden-state index -> teacher hidden-state index."""
     attention_layers: dict[int, int] = {}
     """Attention term layer map, student layer -> teacher layer."""
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    """How a stage with several `teachers` fuses them (unused by a stage with one teacher)."""

@@ -36,6 +36,7 @@ def write_report(run_uri: str, manifest, histories: dict[str, list[dict]], *, me
         }
         lines = [f"# Run report: {manifest.job}", "", f"Config hash `{manifest.config_hash}`; manifest: `manifest.json`.", ""]
         lines += _steps_table(manifest)
+        lines += fusion_table(histories)
         lines += _phases_table(manifest, command)
         lines += _scores_table(manifest)
         if metrics_note:
@@ -62,6 +63,28 @@ def _steps_table(manifest) -> list[str]:
             f"{_fmt(metrics.get('val_loss'))} | {signal} | {_fmt(entry.get('seconds'))} |"
         )
     return lines + [""]
+
+
+def fusion_table(histories: dict[str, list[dict]]) -> list[str]:
+    """Steps with several teachers: each teacher's mean per-token weight in each fused term, over
+    the step's reports (`fusion_<term>/<role>` metrics), so a reader sees which teacher taught what."""
+    from ckd_ray.losses.composite import FUSION_PREFIX
+
+    rows = []
+    for step_id, history in histories.items():
+        keys = sorted({key for report in history for key in report if key.startswith(FUSION_PREFIX)})
+        for term in sorted({key[len(FUSION_PREFIX):].split("/", 1)[0] for key in keys}):
+            weights = {}
+            for key in keys:
+                if key.startswith(f"{FUSION_PREFIX}{term}/"):
+                    values = [report[key] for report in history if key in report]
+                    weights[key.split("/", 1)[1]] = sum(values) / len(values)
+            rows.append(f"| {step_id} | {term} | " + ", ".join(f"{role} {weight:.3f}" for role, weight in weights.items()) + " |")
+    if not rows:
+        return []
+    return ["## Teacher weights (steps with several teachers)", "",
+            "Mean per-token weight of each teacher in each fused term, over the step's reports (`loss.fusion`).", "",
+            "| step | term | mean weight per teacher |", "|---|---|---|", *rows, ""]
 
 
 def compute_share(steps: dict[str, dict]) -> float | None:

@@ -194,6 +194,33 @@ def decode_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], dev
     return signal
 
 
+def fused_column_prefix(index: int) -> str:
+    """The prefix of the i-th fused teacher's columns (i >= 1) in a fused step's rows: teacher 0's
+    columns keep their names, teacher i's `sample_id` and `sig_*` columns are `t<i>:sample_id`, ..."""
+    return f"t{index}:"
+
+
+def decode_fused_signal(batch, spec: SignalSpec, attention_layers: dict[int, int], roles: list[str],
+                        device: torch.device | str = "cpu"):
+    """A fused step's batch (`fused_column_prefix`) as the losses' `FusedTeacherSignal`: each
+    teacher's columns decoded as `decode_signal` decodes one teacher's, after checking that every
+    teacher's row is the same sample (the teachers' cache entries are zipped row by row)."""
+    from ckd_ray.losses import FusedTeacherSignal
+
+    sample_ids = np.asarray(batch["sample_id"])
+    teachers = {}
+    for index, role in enumerate(roles):
+        view = batch
+        if index:
+            prefix = fused_column_prefix(index)
+            if not np.array_equal(np.asarray(batch[f"{prefix}sample_id"]), sample_ids):
+                raise ValueError(f"the signal rows of teacher {role!r} are not the samples of teacher {roles[0]!r}'s rows: "
+                                 "their cache entries were written in different orders (delete both entries to rerun the passes)")
+            view = {**batch, **{name[len(prefix):]: value for name, value in batch.items() if name.startswith(prefix)}}
+        teachers[role] = decode_signal(view, spec, attention_layers, device)
+    return FusedTeacherSignal(teachers)
+
+
 def sparse_logits(column, mask_BL: np.ndarray, value_dtype: str, device: torch.device | str = "cpu"):
     """A batch's version 2 rows (one bytes value per sample) as the losses' `SparseLogits`: the
     rows of each sample belong to its `mask_BL` positions in order, padded to the batch's

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ckd_ray import storage
-from ckd_ray.losses import IGNORE_INDEX, FeatureProjection, StudentOutputs, TeacherSignalBatch, distillation_loss, task_loss
+from ckd_ray.losses import FUSION_PREFIX, IGNORE_INDEX, FeatureProjection, StudentOutputs, TeacherSignalBatch, distillation_loss, task_loss
 from ckd_ray.losses.config import LossConfig
 from ckd_ray.models.builder import apply_freeze, load_model
 from ckd_ray.observability.metrics import GpuSampler, StudentMetrics
@@ -139,6 +139,7 @@ def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: Lo
         kl_direction=loss.kl_direction,
         chunk_size=loss.chunk_size,
         projection=engine.module.projection,
+        fusion=loss.fusion,
     )
     engine.backward(total)
     engine.step()
@@ -535,7 +536,8 @@ class ReportWindow:
             "step_time_s": step.busy_s + step.waited_s,
             "data_wait_s": step.waited_s,
             "num_tokens": step.tokens,
-            "loss_terms": {name: float(total) / step.micro_batches for name, total in step.term_sums.items()},
+            "loss_terms": {name: float(total) / step.micro_batches for name, total in step.term_sums.items()
+                           if not name.startswith(FUSION_PREFIX)},
         }
 
     def flush(self, state: TrainState, lr: float) -> dict[str, float]:
@@ -551,7 +553,9 @@ class ReportWindow:
         world = _world_size()
         state.samples_seen += int(samples)
         state.tokens_seen += int(tokens)
-        metrics = {("loss" if name == "total" else f"loss_{name}"): value / micro_batches for name, value in zip(names, summed)}
+        # A fused step's teacher weights (`fusion_<term>/<role>`) keep their names: they are not loss terms.
+        metrics = {("loss" if name == "total" else name if name.startswith(FUSION_PREFIX) else f"loss_{name}"): value / micro_batches
+                   for name, value in zip(names, summed)}
         metrics.update(
             step=state.step,
             epoch=state.epoch,

@@ -49,8 +49,8 @@ def check_tune(job: JobConfig) -> list[Problem]:
         for i, stage in enumerate(stages):
             if i < min(searched, default=0):
                 continue
-            if i in searched and stage.teacher in learners:
-                problems.append(Problem("tune.mode", f"joint, but stage {i + 1}'s teacher {stage.teacher!r} is trained by an earlier "
+            if i in searched and set(stage.teacher_roles) & learners:
+                problems.append(Problem("tune.mode", f"joint, but stage {i + 1}'s teacher {'+'.join(stage.teacher_roles)!r} is trained by an earlier "
                                         "stage, so every trial would need its own teacher pass",
                                         "use mode: per_stage (each stage is tuned from the previous stage's best)"))
             learners.add(stage.learner)

@@ -33,8 +33,8 @@ from ckd_ray.cascade.plan import PlannedStep, build_plan, teacher_roles_to_prepa
 from ckd_ray.cascade.runner import (
     CascadeResult, _initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress, raise_storage_problems,
 )
-from ckd_ray.cascade.signal import attach_teacher_signal
-from ckd_ray.cascade.steps import prepare_segment, split_segments
+from ckd_ray.cascade.signal import attach_fused_signal, attach_teacher_signal
+from ckd_ray.cascade.steps import prepare_segment, split_segments, teacher_uris
 from ckd_ray.config.job import JobConfig
 from ckd_ray.config.loader import ConfigError, validate_config
 from ckd_ray.tune.checks import check_tune
@@ -177,8 +177,9 @@ def _search(job: JobConfig, search: Search, roles: dict[str, str], data: StepDat
     val_datasets = {}
     for planned in runs:
         if job.teacher_pool.use_cache:
-            _, _, teacher_pass = attach_teacher_signal(
-                job, signal_step(planned, searched_terms[planned.stage_index]), roles[planned.teacher], roles[planned.learner],
+            attach = attach_fused_signal if len(planned.teachers) > 1 else attach_teacher_signal
+            _, _, teacher_pass = attach(
+                job, signal_step(planned, searched_terms[planned.stage_index]), teacher_uris(planned, roles), roles[planned.learner],
                 data.train(planned)[0], data, log,
             )
             outcome.count(teacher_pass)

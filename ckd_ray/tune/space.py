@@ -16,6 +16,8 @@ from ckd_ray.losses.config import GREEK_ALIASES, LossConfig
 from ckd_ray.tune.config import SearchDimension
 
 TEMPERATURE = "temperature"
+FUSION_TEMPERATURE = "fusion_temperature"
+"""tau of a fused stage's confidence and entropy rules (`loss.fusion.temperature`)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Search:
 
     def terms(self, stage_index: int) -> set[str]:
         """The loss terms searched for one stage (the temperature is not a term)."""
-        return {name for stage, name in map(split_key, self.dims) if stage == stage_index and name != TEMPERATURE}
+        return {name for stage, name in map(split_key, self.dims)
+                if stage == stage_index and name not in (TEMPERATURE, FUSION_TEMPERATURE)}
 
 
 def canonical(name: str) -> str:
@@ -54,7 +57,7 @@ def split_key(key: str) -> tuple[int, str]:
 def distilling_stages(job: JobConfig) -> list[int]:
     """Stages with a teacher and at least one distillation step: their loss weights matter."""
     return [i for i, stage in enumerate(job.cascade.resolved_stages())
-            if stage.teacher and any(step.kind in DISTILLATION_STEPS for step in stage.steps)]
+            if stage.teacher_roles and any(step.kind in DISTILLATION_STEPS for step in stage.steps)]
 
 
 def stage_dims(job: JobConfig, stage_index: int) -> dict[str, SearchDimension]:
@@ -86,11 +89,13 @@ def stage_values(values: dict[str, float], stage_index: int) -> dict[str, float]
 
 def tuned_loss(loss: LossConfig, values: dict[str, float], kind: str = "DFT") -> LossConfig:
     weights = (loss.weights or default_weights(kind)).model_copy(
-        update={name: value for name, value in values.items() if name != TEMPERATURE}
+        update={name: value for name, value in values.items() if name not in (TEMPERATURE, FUSION_TEMPERATURE)}
     )
     update = {"weights": weights}
     if TEMPERATURE in values:
         update[TEMPERATURE] = values[TEMPERATURE]
+    if FUSION_TEMPERATURE in values:
+        update["fusion"] = loss.fusion.model_copy(update={"temperature": values[FUSION_TEMPERATURE]})
     return loss.model_copy(update=update)
 
 

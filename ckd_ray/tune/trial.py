@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.plan import PlannedStep
-from ckd_ray.cascade.steps import EXPORT_FOLDER, prepare_step
+from ckd_ray.cascade.steps import EXPORT_FOLDER, prepare_step, teacher_uris
 from ckd_ray.config.job import JobConfig
 from ckd_ray.train.run import RUN_FOLDER, run_steps
 from ckd_ray.tune.space import signal_step, stage_values, trial_step
@@ -118,7 +118,7 @@ def run_trial(values: dict, *, job: JobConfig, runs: list[PlannedStep], roles: d
         tuned = replace(tuned, step=tuned.step.model_copy(update={"max_steps": settings.max_steps_per_trial}))
         export_uri = storage.join(trial_uri, planned.step_id, EXPORT_FOLDER)
         step = prepare_step(
-            job, planned, data, init_model_uri=learners[planned.learner], teacher_uri=roles[planned.teacher],
+            job, planned, data, init_model_uri=learners[planned.learner], teacher_uri=teacher_uris(planned, roles),
             vocab_learner_uri=roles[planned.learner], export_uri=export_uri, checkpoint_prefix=f"{planned.step_id}/",
             log=print, signal_planned=signal_step(planned, searched_terms[planned.stage_index]), trained=tuned,
             trainer_job=trial_job, with_validation=last, val_dataset=val_datasets[planned.step_id] if last else None,
