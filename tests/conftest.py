@@ -29,7 +29,9 @@ RAY_FIXTURES = {"ray_local", "s3_for_workers"}
 # local Ray, a driver program for Prometheus to scrape) rather than use the session's `ray_local`.
 OWN_RAY_FIXTURES = {"ray_cluster", "ray_head", "scraped_run", "metrics_workload"}
 OWN_RAY_TESTS = {"test_killed_cascade_resumes_at_the_step_it_was_in", "test_readme_commands_run_as_written",
-                 "test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined"}
+                 "test_a_stale_address_file_of_a_dead_head_neither_hangs_nor_is_joined",
+                 "test_a_short_cascade_from_the_parts_answers_hop0_questions_better_than_question_only",
+                 "test_fused_step_trains_from_both_cached_passes_and_reports_each_teachers_weight"}
 
 
 def _starts_its_own_ray(item) -> bool:

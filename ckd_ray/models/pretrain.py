@@ -6,10 +6,11 @@ joins a public Qwen2.5 LLM and a SigLIP tower, so the tiny path is the path a re
 - **Vision** (`pretrain_vision`): a SigLIP vision tower trained to name the digit shown and its ink
   colour (two linear heads on its mean-pooled last layer, dropped afterwards); its accuracy on the
   validation split is the figure that says it sees.
-- **Language** (`pretrain_llm`): a Qwen2 LM per size trained for the same number of steps on the
-  benchmark's text: the knowledge graph's facts as sentences, the training split's captions, and its
-  question-answer turns in the chat format with the image left out. Equal steps, unequal capacity:
-  a bigger model holds more of the facts (its perplexity on the fact sentences is lower).
+- **Language** (`pretrain_llm`): a Qwen2 LM per size (`LLM_SHAPES`: capacity doubling from
+  student to TA to teacher) trained for the same number of steps on the benchmark's text: the
+  knowledge graph's facts as sentences, the training split's captions, and its question-answer
+  turns in the chat format with the image left out. Its perplexity on the fact sentences and on the
+  validation split's text is printed; with today's 75 facts every size holds them all.
 
 Every folder is cached by content (what it was built with + a digest of the data it read): a
 second `pretrain_parts` with the same inputs returns the folders it finds instead of training.
@@ -30,13 +31,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ckd_ray.models.presets import EOS_TOKEN_ID, PAD_TOKEN_ID, TINY_PRESETS
+from ckd_ray.models.presets import EOS_TOKEN_ID, PAD_TOKEN_ID, TINY_PRESETS, TINY_VOCAB_SIZE, TextTower
 
 # The tower every tiny part composes with: 16 visual tokens of 32x32 images, wide and deep enough
 # to learn digits (the random presets' tower is 32 wide and 1 layer).
 PRETRAINED_VISION = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_channels=3)
 LLM_SIZES = ("student", "ta", "teacher")
+
+
+def llm_shape(size: str) -> TextTower:
+    """The Qwen2 shape of the pretrained LLM of `size`."""
+    return LLM_SHAPES[size]
+
+
+# Capacity doubles at each level (0.35M, 0.66M, 1.45M parameters with the 512-token vocabulary),
+# all of them shallow: at these sizes a wider model learns to read the image in fewer steps, while
+# the random presets' 6-layer teacher trained worse than the 3-layer TA and cost 1.2 s a step on 2
+# cores (benchmarks/RESULTS.md, "How many steps a composed model needs").
+LLM_SHAPES: dict[str, TextTower] = {
+    "student": TINY_PRESETS["tiny-student"].text,  # 96 wide, 2 layers
+    "ta": TextTower(128, 384, 3, 4, 2, TINY_VOCAB_SIZE),
+    "teacher": TINY_PRESETS["tiny-ta"].text,  # 192 wide, 3 layers
+}
 # The tower's heads were trained on its last layer, so that is the layer that sees: Llava reads it
 # (a 2-layer tower's second-to-last layer, LLaVA's usual choice, is half of it).
 VISION_FEATURE_LAYER = -1
@@ -120,8 +137,7 @@ def pretrain_parts(benchmark_root: str | Path, out_dir: str | Path, *, vision: V
     parts.vision = str(out / f"vision-{vision_key}")
     parts.figures["vision"] = _cached(Path(parts.vision), parts, lambda tmp: pretrain_vision(root, tmp, vision, log))
     for size in sizes:
-        preset = TINY_PRESETS[f"tiny-{size}"]
-        key = _key({"part": "llm", "text": asdict(preset.text), "recipe": asdict(language), "data": data})
+        key = _key({"part": "llm", "text": asdict(llm_shape(size)), "recipe": asdict(language), "data": data})
         folder = out / f"llm-{size}-{key}"
         parts.llms[size] = str(folder)
         parts.figures[size] = _cached(folder, parts, lambda tmp, s=size: pretrain_llm(root, tmp, s, language, log))
@@ -304,7 +320,7 @@ def pretrain_llm(root: Path, out: Path, size: str, recipe: LanguageRecipe, log: 
 
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    text = TINY_PRESETS[f"tiny-{size}"].text
+    text = llm_shape(size)
     tokenizer = AutoTokenizer.from_pretrained(root / "processor")
     config = Qwen2Config(vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
                          num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
