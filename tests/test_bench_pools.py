@@ -81,6 +81,7 @@ def test_coresident_teacher_makes_the_pools_signal(ray_local, kvqa_dir, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.stage2
 def test_the_matrix_runs_every_variant_end_to_end_at_its_smallest_size(ray_local, kvqa_dir, tmp_path):
     """`python -m benchmarks.pools` on the session's Ray at its smallest size: one teacher, one
     optimizer step of one 2-sample micro-batch per run, one run per variant, one worker. Checks

@@ -57,6 +57,7 @@ def test_data_pipeline_compares_plain_and_ray_passes(ray_local, kvqa_dir, tmp_pa
 
 
 @pytest.mark.ray
+@pytest.mark.stage2
 def test_tune_cache_runs_both_variants(ray_local, kvqa_dir, tmp_path):
     from benchmarks.bench_tune_cache import VARIANTS, run_variant, table
 
@@ -69,6 +70,7 @@ def test_tune_cache_runs_both_variants(ray_local, kvqa_dir, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.stage2
 def test_teacher_passes_prepare_the_student_segment_both_ways(ray_local, kvqa_dir, tmp_path):
     from benchmarks.bench_teacher_passes import compare, table
     from ckd_ray import load_config
@@ -100,6 +102,7 @@ def test_gpu_smoke_refuses_without_cuda_and_its_dry_run_gives_the_real_shapes():
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.stage2
 def test_gpu_smoke_rehearsal_and_step_phases_on_its_run(ray_local, kvqa_dir, tmp_path):
     """`gpu_smoke.py --rehearse-on-cpu` (the GPU smoke's whole path at tiny shapes, on the session's
     Ray), then `bench_step_phases.py --run` on the run it made."""

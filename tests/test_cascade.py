@@ -157,7 +157,10 @@ def test_experiment_rows_see_the_same_distinct_samples_per_hop_level_as_the_rows
     from ckd_ray.cascade.experiment import _run_config, load_experiment
     from ckd_ray.cascade.steps import passes_for_budget, plan_step
 
-    experiment, base = load_experiment(REPO / "configs" / "kvqa_table.yaml", [f"data.benchmark_root={kvqa_dir}"])
+    # The random presets: a fresh clone has not composed models/tiny (the reads do not depend on the weights).
+    presets = [f"models.{role}.{key}={value}" for role in ("student", "ta", "teacher")
+               for key, value in (("preset", f"tiny-{role}"), ("path", "null"), ("prepare", "null"))]
+    experiment, base = load_experiment(REPO / "configs" / "kvqa_table.yaml", [f"data.benchmark_root={kvqa_dir}", *presets])
     catalogs: dict = {}
 
     def reads_of(name: str, seed: int = 0, **cascade):

@@ -131,6 +131,7 @@ def test_fused_batch_decodes_each_teacher_and_refuses_rows_of_other_samples():
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.stage2
 def test_fused_step_trains_from_both_cached_passes_and_reports_each_teachers_weight(kvqa_dir, tmp_path, random_preset_models):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({

@@ -107,7 +107,9 @@ def test_a_short_cascade_from_the_parts_answers_hop0_questions_better_than_quest
     config.write_text(yaml.safe_dump({
         "extends": str(repo / "configs" / "tiny_cascade.yaml"),
         "name": "short",
-        "models": {"student": {"path": built.composed["student"]}},
+        # Only the student trains; the config's TA and teacher folders are not built in a fresh clone.
+        "models": {"student": {"path": built.composed["student"]}, "ta": {"preset": "tiny-ta", "path": None, "prepare": None},
+                   "teacher": {"preset": "tiny-teacher", "path": None, "prepare": None}},
         "data": {"benchmark_root": str(kvqa_dir)},
         "cascade": {"plan": None, "prepare_teachers": False, "student_alone": False,
                     "stages": [{"steps": [{"kind": "PT", "max_steps": SHORT_PT}, {"kind": "FT", "max_steps": SHORT_FT}]}]},
