@@ -90,6 +90,7 @@ SHORT_PT, SHORT_FT = 100, 400
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.stage2  # about 2 min alone, 5 beside the default run's other Ray tests: CI's second stage
 def test_a_short_cascade_from_the_parts_answers_hop0_questions_better_than_question_only(parts, kvqa_dir, tmp_path):
     """The benchmark's promise, end to end: a student composed from the pretrained parts and trained
     by a short `ckd-ray cascade` (the student-only plan: PT, FT) answers the questions about the
