@@ -351,3 +351,65 @@ def test_dpt_and_dft_on_composed_models_export_a_student_that_answers(ray_local,
     assert changed == {"multi_modal_projector", "language_model"}  # DPT trains the connector, DFT the LLM; the tower stays
     _, model, _, inputs, output = answer(result.student_uri, digit_image(), max_new_tokens=3)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_the_shared_preparation_run_is_named_by_what_it_computes(composed):
+    """Settings the preparation does not read (the signal, the loss, a student budget when every
+    preparation step has its own) keep the `teachers-<digest>` name, so the prepared teachers are
+    reused; the recipe, the data and the models change it."""
+    from ckd_ray.cascade.prepared import preparation_config
+
+    raw = {"models": {"student": {"path": composed["student"].uri}, "teacher": {"path": composed["teacher"].uri, "prepare": True}},
+           "data": {"benchmark_root": "data/kvqa"}, "trainer": {"max_steps": 40},
+           "cascade": {"plan": "single_teacher", "share_prepared_teachers": True,
+                       "teacher_prep_steps": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 9}]}}
+    name = preparation_config(raw, ["teacher"])["name"]
+    assert name.startswith("teachers-")
+    same = {**raw, "trainer": {"max_steps": 80}, "loss": {"temperature": 2.0}, "signal": {"response_top_k": 4}}
+    assert preparation_config(same, ["teacher"])["name"] == name
+    longer = {**raw, "cascade": {**raw["cascade"], "teacher_prep_steps": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 10}]}}
+    other_data = {**raw, "data": {"benchmark_root": "data/kvqa", "caption_share": 0.1}}
+    assert len({name, preparation_config(longer, ["teacher"])["name"], preparation_config(other_data, ["teacher"])["name"]}) == 3
+    prep = validate_config(preparation_config(raw, ["teacher"]))
+    assert [(s.name, s.learner, [k.kind for k in s.steps]) for s in prep.cascade.stages] == [("prepare-teacher", "teacher", ["PT", "FT"])]
+    assert not prep.cascade.prepare_teachers
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_teachers_prepared_once_are_reused_by_a_later_job_with_the_same_recipe(ray_local, kvqa_dir, composed, tmp_path):
+    from ckd_ray import run_cascade
+
+    raw = {
+        "name": "first",
+        "models": {"student": {"path": composed["student"].uri}, "teacher": {"path": composed["teacher"].uri, "prepare": True}},
+        "data": {"benchmark_root": str(kvqa_dir), "max_length": 160},
+        "cascade": {"share_prepared_teachers": True, "stages": [{"teacher": "teacher", "steps": ["DFT"]}],
+                    "teacher_prep_steps": [{"kind": "PT", "max_steps": 1}, {"kind": "FT", "max_steps": 1}]},
+        "signal": {"response_top_k": 8, "visual_top_k": 8, "gram": True},
+        "teacher_pool": {"batch_size": 8},
+        "trainer": {"num_workers": 1, "micro_batch_size": 4, "max_steps": 1, "report_every": 1, "warmup_ratio": 0.0},
+        "evaluation": {"max_samples": 4, "latency_runs": 1, "max_new_tokens": 2},
+        "storage": {"root": str(tmp_path / "runs")},
+    }
+    first: list[str] = []
+    result = run_cascade(validate_config(raw), log=first.append, progress=False)
+    prep_runs = sorted((tmp_path / "runs").glob("teachers-*"))
+    assert len(prep_runs) == 1 and any("preparing the teachers once" in line for line in first)
+    prep_manifest = json.loads((prep_runs[0] / "manifest.json").read_text())
+    assert [(s["learner"], s["step"]) for s in prep_manifest["steps"].values()] == [("teacher", "PT"), ("teacher", "FT")]
+    manifest = json.loads(Path(result.manifest_uri).read_text())
+    assert [s["step"] for s in manifest["steps"].values()] == ["DFT"]  # no preparation steps of its own
+    teacher_uri = prep_manifest["roles"]["teacher"]
+    assert manifest["roles"]["teacher"] == teacher_uri and manifest["steps"]["00-s1-teacher_to_student-DFT"]["teacher_uri"] == teacher_uri
+    assert manifest["evaluations"]["prepare-teacher (teacher)"]["model_uri"] == teacher_uri  # scored once, by its own run
+
+    # Another job: another loss and student budget, the same recipe: the teacher is not trained again.
+    second: list[str] = []
+    again = {**raw, "name": "second", "loss": {"temperature": 2.0}, "trainer": {**raw["trainer"], "max_steps": 2}}
+    result = run_cascade(validate_config(again), log=second.append, progress=False)
+    assert sorted((tmp_path / "runs").glob("teachers-*")) == prep_runs
+    assert any("teachers prepared by an earlier run" in line for line in second)
+    assert json.loads((prep_runs[0] / "manifest.json").read_text())["steps"] == prep_manifest["steps"]
+    manifest = json.loads(Path(result.manifest_uri).read_text())
+    assert manifest["roles"]["teacher"] == teacher_uri and manifest["steps"]["00-s1-teacher_to_student-DFT"]["metrics"]["step"] == 2

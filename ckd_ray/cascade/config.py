@@ -109,6 +109,12 @@ class CascadeConfig(Section):
     teacher_prep_steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(kind=k) for k in ("PT", "FT")])
     """Steps of teacher preparation (bare names or steps with their own budget, e.g.
     `{kind: FT, max_steps: 300}`: a teacher usually needs more steps than the student's stages)."""
+    share_prepared_teachers: bool = False
+    """Prepare the teachers in a run of their own, `<storage.root>/teachers-<digest>`, named after
+    what it computes (models, data, evaluation, trainer settings, `teacher_prep_steps`; not the
+    signal, the loss or a student budget that the preparation steps do not read), and reuse it:
+    a later job with the same recipe starts from those checkpoints without preparing them again.
+    Off: the preparation steps are the first steps of this job's own run."""
     stages: list[StageConfig] = Field(default_factory=list)
     """Stages in order; the learner's checkpoint is handed from each stage to the next."""
     student_alone: bool = False

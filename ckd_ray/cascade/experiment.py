@@ -143,23 +143,10 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
 
 def _teacher_prep_config(base: dict, experiment: ExperimentConfig) -> dict:
     """The run that prepares the TA and the teacher, once for every seed (the rows differ only in
-    how the student learns). Its name carries a digest of its own config, so a changed recipe
-    prepares new teachers and an unchanged one, in this experiment or a later one, reuses them."""
-    raw = _apply(deep_merge(base, {}), experiment.command_overrides)
-    raw["seed"] = experiment.seeds[0]
-    from ckd_ray.cascade.config import CascadeConfig
+    how the student learns), shared with any later run of the same recipe (`ckd_ray.cascade.prepared`)."""
+    from ckd_ray.cascade.prepared import preparation_config
 
-    steps = raw.get("cascade", {}).get("teacher_prep_steps", CascadeConfig.model_fields["teacher_prep_steps"].default)
-    steps = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in steps]
-    raw["cascade"] = {"prepare_teachers": False, "stages": [
-        {"name": f"prepare-{role}", "learner": role, "steps": steps} for role in ("ta", "teacher")
-    ]}
-    from ckd_ray.cascade.manifest import config_hash
-
-    raw["name"] = "teachers"
-    digest = config_hash(validate_config(raw))[:10]  # what the run computes, as its manifest identifies it
-    raw["name"] = f"teachers-{digest}"
-    return raw
+    return preparation_config(_apply(deep_merge(base, {}), experiment.command_overrides), ("ta", "teacher"), seed=experiment.seeds[0])
 
 
 @dataclass
@@ -185,6 +172,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     from ckd_ray.cascade.datasets import StepData, distinct_samples
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.plan import build_plan
+    from ckd_ray.cascade.prepared import copy_teacher_scores, prepare_teachers_once
     from ckd_ray.cascade.runner import check_model_folders, connect_ray, raise_storage_problems, run_cascade
 
     started = time.perf_counter()
@@ -199,8 +187,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     times = {"ray_start": time.perf_counter() - clock}
     log(f"[experiment] teachers: {prep.name}, prepared once for seeds {experiment.seeds} (reused when an earlier run prepared them)")
     clock = time.perf_counter()
-    run_cascade(prep, log=log)
-    prepared = Manifest.open(prep.run_uri, prep)
+    prepared = prepare_teachers_once(prep, log)
     times["teachers"] = {"wall": time.perf_counter() - clock, **_recorded_seconds(prepared)}
     teachers = {role: prepared.roles[role] for role in ("ta", "teacher")}
     prepared_entries = {role: prepared.evaluations[f"prepare-{role} ({role})"] for role in ("ta", "teacher")}
@@ -213,7 +200,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
         for run in experiment.runs:
             job = validate_config(_run_config(base, experiment, run, seed, teachers))
             log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
-            _reuse_teacher_scores(job, prep, prepared)
+            copy_teacher_scores(job, prep, prepared, ("ta", "teacher"))
             clock = time.perf_counter()
             run_cascade(job, log=log)
             wall = time.perf_counter() - clock
@@ -246,23 +233,6 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     }, indent=2).encode())
     log(table)
     return storage.join(root, "table.md")
-
-
-def _reuse_teacher_scores(job, prep, prepared) -> None:
-    """A row scores the teachers of its stages (for knowledge preservation); the prepared ones
-    were scored by their own run on the same samples (same evaluation and data settings), so the
-    row's manifest starts with those scores and the row does not score them again."""
-    from ckd_ray.cascade.manifest import Manifest
-
-    if job.evaluation != prep.evaluation or job.data != prep.data:
-        return
-    manifest = Manifest.open(job.run_uri, job)
-    names = [f"prepare-{role} ({role})" for role in ("ta", "teacher")]
-    if all(name in manifest.evaluations for name in names):
-        return
-    for name in names:
-        manifest.evaluations.setdefault(name, {**prepared.evaluations[name], "seconds": 0.0})
-    manifest.save()
 
 
 def _read_records(uri: str) -> list[dict]:
