@@ -5,6 +5,7 @@ refusals, existing Llava folders and other layouts, and one DPT + DFT cascade on
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -404,12 +405,17 @@ def test_teachers_prepared_once_are_reused_by_a_later_job_with_the_same_recipe(r
     assert manifest["roles"]["teacher"] == teacher_uri and manifest["steps"]["00-s1-teacher_to_student-DFT"]["teacher_uri"] == teacher_uri
     assert manifest["evaluations"]["prepare-teacher (teacher)"]["model_uri"] == teacher_uri  # scored once, by its own run
 
-    # Another job: another loss and student budget, the same recipe: the teacher is not trained again.
+    # Another job: another loss, student budget and signal (the packed version 2: its own pool pass,
+    # cached, then trained on), the same recipe: the teacher is not trained again.
     second: list[str] = []
-    again = {**raw, "name": "second", "loss": {"temperature": 2.0}, "trainer": {**raw["trainer"], "max_steps": 2}}
+    again = {**raw, "name": "second", "loss": {"temperature": 2.0}, "trainer": {**raw["trainer"], "max_steps": 2},
+             "signal": {**raw["signal"], "version": 2, "tail_mass": 0.05}}
     result = run_cascade(validate_config(again), log=second.append, progress=False)
     assert sorted((tmp_path / "runs").glob("teachers-*")) == prep_runs
     assert any("teachers prepared by an earlier run" in line for line in second)
     assert json.loads((prep_runs[0] / "manifest.json").read_text())["steps"] == prep_manifest["steps"]
     manifest = json.loads(Path(result.manifest_uri).read_text())
-    assert manifest["roles"]["teacher"] == teacher_uri and manifest["steps"]["00-s1-teacher_to_student-DFT"]["metrics"]["step"] == 2
+    step = manifest["steps"]["00-s1-teacher_to_student-DFT"]
+    assert manifest["roles"]["teacher"] == teacher_uri and step["metrics"]["step"] == 2
+    assert step["teacher_pass"]["source"] == "teacher pool" and step["teacher_pass"]["samples"] > 0
+    assert all(math.isfinite(entry["loss"]) for entry in step["history"]) and math.isfinite(step["metrics"]["val_loss"])

@@ -146,6 +146,32 @@ def test_shipped_tune_config_passes_the_search_checks():
     assert [s.name for s in plan_searches(job)] == ["stage 1", "stage 2"]
 
 
+def test_the_five_weight_search_fixes_alpha_and_searches_the_other_four_per_hop_stage():
+    job = load_config(CONFIGS / "tiny_tune_weights.yaml")
+    assert check_tune(job) == []
+    searches = plan_searches(job)
+    assert [s.name for s in searches] == ["stage 1", "stage 2", "stage 3"]
+    assert [s.stage.hop_levels for s in build_plan(job) if s.distills][-1] == [0, 1, 2]
+    for search in searches:
+        (stage,) = search.stage_indices
+        assert search.terms(stage) == {"output", "feature", "knowledge", "attention"}  # task (alpha) keeps its value
+    assert set(searches[0].dims) == {"1.output", "1.feature", "1.knowledge", "1.attention", "1.temperature"}
+    values = stage_values({"1.output": 2.0, "1.feature": 0.1, "1.knowledge": 0.2, "1.attention": 3.0, "1.temperature": 2.0}, 0)
+    loss = tuned_stage(job.loss, job.cascade.resolved_stages()[0], values).loss
+    assert loss.weights.task == 1.0 and (loss.weights.output, loss.weights.attention, loss.temperature) == (2.0, 3.0, 2.0)
+
+
+def test_searching_every_weight_of_a_stage_is_refused_with_the_fix(tmp_path):
+    raw = yaml.safe_load((CONFIGS / "tiny_tune_weights.yaml").read_text())
+    raw["extends"] = str(CONFIGS / raw["extends"])
+    raw["tune"]["space"]["alpha"] = {"low": 0.1, "high": 4.0, "log": True}
+    path = tmp_path / "five-weights.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    problems = check_tune(load_config(path))
+    assert [p.field for p in problems] == ["tune.space"] * 3
+    assert "only rescales the loss" in problems[0].message and "remove alpha" in problems[0].fix
+
+
 def test_results_table_keeps_failed_and_stopped_trials(tmp_path):
     job = validate_config(_raw())
     search = plan_searches(job)[0]

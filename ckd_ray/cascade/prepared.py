@@ -49,10 +49,11 @@ def prepare_teachers_once(prep: JobConfig, log=print) -> Manifest:
     return Manifest.open(prep.run_uri, prep)
 
 
-def with_prepared_teachers(job: JobConfig, roles: list[str], log=print) -> tuple[JobConfig, JobConfig]:
+def with_prepared_teachers(job: JobConfig, roles: list[str], log=print, copy_scores: bool = True) -> tuple[JobConfig, JobConfig]:
     """`job` with each of `roles` replaced by its checkpoint from the shared preparation run (and
-    no preparation of its own), and that run's job. The prepared teachers' scores are copied into
-    the job's manifest (`copy_teacher_scores`), so its report shows them beside the students."""
+    no preparation of its own), and that run's job. With `copy_scores` the prepared teachers'
+    scores are copied into the job's manifest (`copy_teacher_scores`), so its report shows them
+    beside the students."""
     raw = job.model_dump(mode="json", exclude_defaults=True)
     prep = validate_config(preparation_config(raw, roles))
     prepared = prepare_teachers_once(prep, log)
@@ -63,7 +64,8 @@ def with_prepared_teachers(job: JobConfig, roles: list[str], log=print) -> tuple
     raw["models"] = models
     raw["cascade"] = {**raw.get("cascade", {}), "prepare_teachers": False, "share_prepared_teachers": False}
     ready = validate_config(raw)
-    copy_teacher_scores(ready, prep, prepared, roles)
+    if copy_scores:
+        copy_teacher_scores(ready, prep, prepared, roles)
     return ready, prep
 
 

@@ -17,12 +17,23 @@ def config() -> None:
 @config_options
 def check(config_paths, overrides) -> None:
     """Validate CONFIG_PATHS (merged in order) and report every problem at once. An experiment
-    (`kind: experiment`, one path) is checked as `ckd-ray experiment` reads it: every row a valid job."""
+    (`kind: experiment`, one path) is checked as `ckd-ray experiment` reads it: every row a valid job;
+    a job with a `tune.space` as `ckd-ray tune` checks it."""
     from ckd_ray.cascade.plan import build_plan
 
     if len(config_paths) == 1 and _is_experiment(config_paths[0]):
         return _check_experiment(config_paths[0], overrides)
     cfg = load_or_exit(config_paths, overrides)
+    if cfg.tune.space:  # a search is checked as `ckd-ray tune` checks it before Ray starts
+        import sys
+
+        from ckd_ray.config import ConfigError
+        from ckd_ray.tune.checks import check_tune
+
+        problems = check_tune(cfg)
+        if problems:
+            click.echo(str(ConfigError(problems, "tune")), err=True)
+            sys.exit(2)
     stages: dict[str, list[str]] = {}
     for planned in build_plan(cfg):  # teacher preparation included
         stages.setdefault(planned.stage.label, []).append(planned.kind)

@@ -43,6 +43,16 @@ def check_tune(job: JobConfig) -> list[Problem]:
                                       message[1].replace("or set the weight to 0", "or do not search it")) if message else None
                     if problem and problem not in problems:
                         problems.append(problem)
+                used = {term for term, weight in loss.weights.model_dump().items() if weight > 0}
+                if len(used) > 1 and used <= set(values):
+                    keys = ", ".join(_space_key(job, stage_index, term) for term in sorted(used))
+                    problem = Problem("tune.space", f"searches every weight of stage {stage_index + 1}'s loss ({keys}): multiplying "
+                                      "all of them by one factor only rescales the loss, so trials would differ in scale, "
+                                      "not in the balance of the terms",
+                                      "fix one weight (e.g. remove alpha from the space: it keeps its value in `loss.weights`) "
+                                      "and search the others relative to it")
+                    if problem not in problems:
+                        problems.append(problem)
     if tune.mode == "joint":
         searched = {i for search in searches for i in search.stage_indices}
         learners = set()  # trained inside the trials (stages before the first searched one run once, before the search)
