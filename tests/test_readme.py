@@ -77,7 +77,7 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
                                                   expect=("scores: ", "| baseline: question-only |", "grounded")),
     "ckd-ray tune configs/tiny_tune.yaml [--run-best]": Run(
         tuple(f"--set {shlex.quote(s)}" for s in TUNE_SHRINK), as_run="ckd-ray tune configs/tiny_tune.yaml --run-best",
-        expect=("best config",), files=("runs/tiny-tune/tune/best_config.yaml",)),
+        expect=("best config", "running the same cascade with the untuned weights"), files=("runs/tiny-tune/tune/best_config.yaml",)),
     "ckd-ray experiment configs/kvqa_table.yaml": Run(
         ("--seeds 0", *(f"--set {shlex.quote(s)}" for s in EXPERIMENT_SHRINK)), expect=("table: ",), files=("runs/kvqa-table/table.md",)),
     "ckd-ray models compose --llm DIR --vision DIR --out DIR": Elsewhere(

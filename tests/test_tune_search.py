@@ -111,3 +111,44 @@ def test_a_failing_trial_is_reported_and_the_search_goes_on(ray_local, kvqa_dir,
     # The console's line for the first failure names the cause, not only that a trial failed.
     (first,) = [line for line in lines if " failed: " in line][:1]
     assert "missing-student" in first, lines
+
+
+@pytest.mark.stage2
+def test_a_five_weight_search_over_the_hop_stages_writes_a_best_config_the_cascade_accepts(ray_local, kvqa_dir, tmp_path):
+    """configs/tiny_tune_weights.yaml in small, its joint mode: beta..epsilon and T of each hop
+    stage of the progressive plan in one search (alpha fixed). The per-stage mode's search
+    machinery is the first test's; `--run-best` (the tuned cascade beside the untuned one) is
+    the README test's `ckd-ray tune configs/tiny_tune.yaml --run-best`."""
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    raw = load_config(Path(__file__).parent.parent / "configs" / "tiny_tune_weights.yaml").model_dump(mode="json", exclude_defaults=True)
+    job = validate_config({
+        **raw,
+        "name": "five-weights",
+        "models": {role: {"preset": f"tiny-{role}"} for role in ("student", "ta", "teacher")},
+        "data": {**raw["data"], "benchmark_root": str(kvqa_dir)},
+        "cascade": {"plan": "progressive", "prepare_teachers": False},
+        "teacher_pool": {"num_cpus": 1, "min_actors": 1, "max_actors": 1, "batch_size": 16},
+        "trainer": {"num_workers": 1, "zero_stage": 0, "micro_batch_size": 4, "max_steps": 2, "warmup_ratio": 0.0, "report_every": 1},
+        "evaluation": {"max_samples": 8, "latency_runs": 1, "max_new_tokens": 2},
+        "tune": {**raw["tune"], "mode": "joint", "num_samples": 2, "max_steps_per_trial": 2, "grace_period": 1},
+        "storage": {"root": str(tmp_path / "runs")},
+    })
+    outcome = run_tune(job, log=lambda _: None, log_to_driver=False)
+
+    (search,) = outcome.searches
+    assert len(search.rows) == 2 and all(row["status"] != "failed" for row in search.rows)
+    assert {key for row in search.rows for key in row["values"]} == {
+        f"{stage}.{name}" for stage in (1, 2, 3) for name in ("output", "feature", "knowledge", "attention", "temperature")}
+    tune_dir = Path(storage.parse(outcome.tune_uri).path)
+    best_path = tune_dir / "best_config.yaml"
+    best = load_config(best_path)
+    for stage_index, stage in enumerate(best.cascade.stages):
+        values = outcome.best_values[stage_index]
+        assert stage.loss.weights.task == 1.0  # alpha is not searched
+        assert (stage.loss.weights.feature, stage.loss.weights.knowledge) == (pytest.approx(values["feature"]), pytest.approx(values["knowledge"]))
+        assert stage.hop_levels == [[0], [0, 1], [0, 1, 2]][stage_index]
+    checked = CliRunner().invoke(main, ["config", "check", str(best_path)])
+    assert checked.exit_code == 0 and "OK: job 'five-weights-tuned'" in checked.output

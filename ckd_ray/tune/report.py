@@ -97,6 +97,38 @@ def plot_metric_vs_values(outcome, metric: str, path: Path) -> Path | None:
     return path
 
 
+def append_comparison(report_uri: str, runs: dict) -> None:
+    """Adds to the tune report the student of each cascade in `runs` (label -> (job, result)), as
+    scored after each stage on the held-out split: the headline, the margin over question-only,
+    accuracy and each hop level, so a reader sees whether the tuned weights beat the untuned ones."""
+    from ckd_ray.cascade.manifest import Manifest
+    from ckd_ray.evaluate.scoring import headline_name
+
+    rows = []
+    for label, (job, result) in runs.items():
+        manifest = Manifest.open(result.run_uri, job)
+        for name, entry in manifest.evaluations.items():
+            if name.endswith("(student)"):
+                rows.append((label, name.removesuffix(" (student)"), entry["scores"]))
+    hops = sorted({key for _, _, scores in rows for key in scores if key.startswith("hop")})
+    headline = headline_name(rows[0][2]) if rows else "accuracy"
+    lines = ["", "## Tuned against untuned", "",
+             "The cascade with the best values and the same cascade with the configured weights, each student "
+             f"scored after each stage on the held-out split (`{headline}` is the headline).", "",
+             f"| run | after stage | {headline} | margin | accuracy | " + " | ".join(hops) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(hops)]
+    for label, stage, scores in rows:
+        lines.append(f"| {label} | {stage} | {_fmt(scores.get(headline))} | {_fmt(scores.get('margin'))} | "
+                     f"{_fmt(scores.get('accuracy'))} | " + " | ".join(_fmt(scores.get(h)) for h in hops) + " |")
+    final = {label: stage_rows[-1][2] for label in runs if (stage_rows := [r for r in rows if r[0] == label])}
+    if len(final) == 2:
+        gain = final["tuned"].get(headline, 0.0) - final["untuned"].get(headline, 0.0)
+        lines += ["", f"Final student: tuned {final['tuned'].get(headline, 0.0):.3f} against untuned "
+                  f"{final['untuned'].get(headline, 0.0):.3f} ({gain:+.3f}; one seed, so a difference of a few hundredths "
+                  "may be noise: `ckd-ray experiment` gives intervals over seeds)."]
+    storage.write_bytes(report_uri, storage.read_bytes(report_uri) + ("\n".join(lines) + "\n").encode())
+
+
 def _report_lines(job, outcomes, best_values, best_config_name, table, plots) -> list[str]:
     tune = job.tune
     lines = [

@@ -84,6 +84,8 @@ class TuneOutcome:
     """Stage index (0-based) -> best values by name ("output", "temperature")."""
     cascade: CascadeResult | None = None
     """The cascade run with the best config (`run_best`)."""
+    untuned: CascadeResult | None = None
+    """The same cascade with the configured weights (`run_best`), beside it in the report."""
 
 
 def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver: bool = True) -> TuneOutcome:
@@ -150,8 +152,17 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     if run_best:
         from ckd_ray.cascade.runner import run_cascade
 
+        from ckd_ray.tune.report import append_comparison
+
         log(f"[tune] running the cascade with the best config ({best_raw['name']})")
-        outcome.cascade = run_cascade(validate_config(best_raw, source=best_config_uri), log=log, log_to_driver=log_to_driver)
+        tuned = validate_config(best_raw, source=best_config_uri)
+        outcome.cascade = run_cascade(tuned, log=log, log_to_driver=log_to_driver)
+        # The same cascade with the configured (untuned) weights, so the report shows what tuning gave.
+        untuned_raw = {**best_config(job, {}, prepared), "name": f"{job.name}-untuned"}
+        untuned = validate_config(untuned_raw, source="the untuned config")
+        log(f"[tune] running the same cascade with the untuned weights ({untuned.name}), to compare")
+        outcome.untuned = run_cascade(untuned, log=log, log_to_driver=log_to_driver)
+        append_comparison(report_uri, {"tuned": (tuned, outcome.cascade), "untuned": (untuned, outcome.untuned)})
     return outcome
 
 
