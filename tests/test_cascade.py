@@ -270,3 +270,17 @@ def test_config_hash_ignores_defaults_and_runtime_sections_but_not_changes():
     assert config_hash(plain) == config_hash(plain.model_copy(update={"ray": plain.ray.model_copy(update={"num_cpus": 3})}))
     assert config_hash(plain) != config_hash(job("bottom_up", teacher_prep_steps=["PT", {"kind": "FT", "max_steps": 9}]))
     assert config_hash(plain) != config_hash(job("single_teacher"))
+
+
+def test_a_role_can_have_its_own_preparation_steps_and_a_misspelt_role_is_named():
+    from ckd_ray.config import ConfigError
+    from ckd_ray.config import validate_config as validate
+
+    steps = build_plan(job("bottom_up", teacher_prep_steps=[{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 7}],
+                           role_prep_steps={"teacher": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 11}]}))
+    prep = [(p.learner, p.kind, p.step.max_steps) for p in steps if p.stage_index < 0]
+    assert prep == [("ta", "PT", 5), ("ta", "FT", 7), ("teacher", "PT", 5), ("teacher", "FT", 11)]
+    with pytest.raises(ConfigError) as info:
+        validate({"models": {"student": {"preset": "tiny-student"}, "teacher": {"preset": "tiny-teacher"}},
+                  "data": {"benchmark_root": "data/kvqa"}, "cascade": {"plan": "single_teacher", "role_prep_steps": {"teachr": ["PT"]}}})
+    assert "cascade.role_prep_steps.teachr" in str(info.value) and "did you mean `teacher`" in str(info.value)

@@ -366,11 +366,14 @@ def test_the_shared_preparation_run_is_named_by_what_it_computes(composed):
                        "teacher_prep_steps": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 9}]}}
     name = preparation_config(raw, ["teacher"])["name"]
     assert name.startswith("teachers-")
-    same = {**raw, "trainer": {"max_steps": 80}, "loss": {"temperature": 2.0}, "signal": {"response_top_k": 4}}
+    same = {**raw, "trainer": {"max_steps": 80}, "loss": {"temperature": 2.0}, "signal": {"response_top_k": 4},
+            "cascade": {**raw["cascade"], "plan": "bottom_up", "student_alone": True}}
     assert preparation_config(same, ["teacher"])["name"] == name
     longer = {**raw, "cascade": {**raw["cascade"], "teacher_prep_steps": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 10}]}}
     other_data = {**raw, "data": {"benchmark_root": "data/kvqa", "caption_share": 0.1}}
     assert len({name, preparation_config(longer, ["teacher"])["name"], preparation_config(other_data, ["teacher"])["name"]}) == 3
+    own = {**raw, "cascade": {**raw["cascade"], "role_prep_steps": {"teacher": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 20}]}}}
+    assert validate_config(preparation_config(own, ["teacher"])).cascade.stages[0].steps[1].max_steps == 20
     prep = validate_config(preparation_config(raw, ["teacher"]))
     assert [(s.name, s.learner, [k.kind for k in s.steps]) for s in prep.cascade.stages] == [("prepare-teacher", "teacher", ["PT", "FT"])]
     assert not prep.cascade.prepare_teachers

@@ -109,6 +109,9 @@ class CascadeConfig(Section):
     teacher_prep_steps: list[StepConfig] = Field(default_factory=lambda: [StepConfig(kind=k) for k in ("PT", "FT")])
     """Steps of teacher preparation (bare names or steps with their own budget, e.g.
     `{kind: FT, max_steps: 300}`: a teacher usually needs more steps than the student's stages)."""
+    role_prep_steps: dict[str, list[StepConfig]] = {}
+    """A role's own preparation steps instead of `teacher_prep_steps` (e.g. `{teacher: [...]}`:
+    the papers' largest teacher is trained longest)."""
     share_prepared_teachers: bool = False
     """Prepare the teachers in a run of their own, `<storage.root>/teachers-<digest>`, named after
     what it computes (models, data, evaluation, trainer settings, `teacher_prep_steps`; not the
@@ -140,6 +143,15 @@ class CascadeConfig(Section):
     @classmethod
     def _bare_prep_names(cls, value: Any) -> Any:
         return _bare_step_names(value)
+
+    @field_validator("role_prep_steps", mode="before")
+    @classmethod
+    def _bare_role_prep_names(cls, value: Any) -> Any:
+        return {role: _bare_step_names(steps) for role, steps in value.items()} if isinstance(value, dict) else value
+
+    def prep_steps(self, role: str) -> list[StepConfig]:
+        """The steps that prepare `role`: its own `role_prep_steps`, or `teacher_prep_steps`."""
+        return list(self.role_prep_steps.get(role) or self.teacher_prep_steps)
 
     @model_validator(mode="after")
     def _plan_or_stages(self) -> "CascadeConfig":

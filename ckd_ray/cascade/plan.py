@@ -76,7 +76,7 @@ def build_plan(job: JobConfig) -> list[PlannedStep]:
         ))
 
     for role in teacher_roles_to_prepare(job):
-        prep = StageConfig(name=f"prepare-{role}", learner=role, teacher=None, steps=list(job.cascade.teacher_prep_steps))
+        prep = StageConfig(name=f"prepare-{role}", learner=role, teacher=None, steps=job.cascade.prep_steps(role))
         for step in prep.steps:
             add(-1, prep, step, prep.label)
     stages = job.cascade.resolved_stages()

@@ -23,12 +23,15 @@ def preparation_config(raw: dict, roles: list[str] | tuple[str, ...], seed: int 
     raw = {key: value for key, value in raw.items() if key not in _NOT_READ_BY_PREPARATION}
     if seed is not None:
         raw["seed"] = seed
-    steps = raw.get("cascade", {}).get("teacher_prep_steps", CascadeConfig.model_fields["teacher_prep_steps"].default)
-    steps = [s.model_dump(exclude_none=True) if hasattr(s, "model_dump") else s for s in steps]
-    if all(isinstance(s, dict) and s.get("max_steps") for s in steps):  # the student's budget is not the teachers'
-        raw["trainer"] = {key: value for key, value in raw.get("trainer", {}).items() if key != "max_steps"}
+    cascade = CascadeConfig.model_validate({key: value for key, value in raw.get("cascade", {}).items()
+                                            if key in ("teacher_prep_steps", "role_prep_steps")})
+    steps = {role: [step.model_dump(exclude_none=True) for step in cascade.prep_steps(role)] for role in roles}
+    every = [step for role_steps in steps.values() for step in role_steps]
+    # The student's budget is not the teachers': a trainer setting every preparation step overrides is not read.
+    unread = [key for key in ("max_steps", "epochs") if all(step.get(key) for step in every)]
+    raw["trainer"] = {key: value for key, value in raw.get("trainer", {}).items() if key not in unread}
     raw["cascade"] = {"prepare_teachers": False,
-                      "stages": [{"name": f"prepare-{role}", "learner": role, "steps": steps} for role in roles]}
+                      "stages": [{"name": f"prepare-{role}", "learner": role, "steps": steps[role]} for role in roles]}
     raw["name"] = "teachers"
     digest = config_hash(validate_config(raw))[:10]  # what the run computes, as its manifest identifies it
     raw["name"] = f"teachers-{digest}"

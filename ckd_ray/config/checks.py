@@ -68,8 +68,8 @@ def _check_disjoint_data(config: JobConfig) -> list[Problem]:
         return []
     cascade = config.cascade
     unbudgeted = [f"{stage.label}/{step.kind}" for stage in cascade.resolved_stages() for step in stage.steps if step.max_steps is None]
-    unbudgeted += [f"teacher preparation/{step.kind}" for step in cascade.teacher_prep_steps
-                   if step.max_steps is None and cascade.prepare_teachers and any(m.needs_preparation for m in config.models.values())]
+    unbudgeted += [f"teacher preparation/{step.kind}" for role, model in config.models.items() for step in cascade.prep_steps(role)
+                   if step.max_steps is None and cascade.prepare_teachers and model.needs_preparation]
     if not unbudgeted:
         return []
     return [Problem("cascade.disjoint_data", f"the steps {unbudgeted} have no step budget, so their share of the data pool is undefined",
@@ -125,6 +125,11 @@ def _check_roles(config: JobConfig) -> list[Problem]:
                 )
         if stage.teachers:
             problems += [problem for problem in _check_fusion(config, stage, at) if problem not in problems]  # a job-wide loss once
+    for role in config.cascade.role_prep_steps:
+        if role not in config.models:
+            close = difflib.get_close_matches(role, roles, n=1)
+            problems.append(Problem(f"cascade.role_prep_steps.{role}", f"role {role!r} is not in models",
+                                    f"did you mean `{close[0]}`?" if close else f"use one of {roles}"))
     return problems
 
 
