@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Budgets of the runs: 2 optimizer steps a step (teacher preparation too: its steps carry their own
 # budgets), 8 evaluation samples, 2 Tune trials of 2 steps.
-SHRINK = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "evaluation.max_samples=8", "cascade.teacher_prep_steps=[PT, FT]"]
+SHRINK = ["trainer.max_steps=2", "trainer.checkpoint_every=2", "evaluation.max_samples=8", "cascade.teacher_prep_steps=[PT, FT]",
+          "cascade.role_prep_steps={}"]
 TUNE_SHRINK = [*SHRINK, "tune.num_samples=2", "tune.max_steps_per_trial=2"]
 EXPERIMENT_SHRINK = SHRINK  # the table's teachers too: 2 + 2 steps
 
