@@ -42,15 +42,18 @@ def test_every_shipped_experiment_validates_every_run(path):
 
 
 def test_experiment_set_overrides_reach_every_run_and_the_teachers_preparation():
-    from ckd_ray.cascade.experiment import _run_config, _teacher_prep_config, load_experiment
+    from ckd_ray.cascade.experiment import _prepared_base, _run_config, load_experiment
+    from ckd_ray.cascade.prepared import preparation_config
 
-    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_steps=2", "cascade.teacher_prep_steps=[PT, FT]"])
+    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_steps=2", "cascade.teacher_prep_steps=[PT, FT]",
+                                                                     "cascade.role_prep_steps={}"])
     teachers = {"ta": "preset", "teacher": "preset"}
     for run in experiment.runs:  # --set comes after the budget rule: it shrinks every row
         assert validate_config(_run_config(base, experiment, run, 0, teachers)).trainer.max_steps == 2
-    prep = validate_config(_teacher_prep_config(base, experiment))
-    assert [step.kind for stage in prep.cascade.stages for step in stage.steps] == ["PT", "FT", "PT", "FT"]
-    assert prep.trainer.max_steps == 2
+    for role in ("ta", "teacher"):
+        prep = validate_config(preparation_config(_prepared_base(base, experiment), role))
+        assert [(stage.learner, step.kind) for stage in prep.cascade.stages for step in stage.steps] == [(role, "PT"), (role, "FT")]
+        assert prep.trainer.max_steps == 2
 
 
 def test_the_experiment_budget_rule_gives_every_row_the_same_student_steps():
@@ -72,18 +75,26 @@ def test_the_experiment_budget_rule_gives_every_row_the_same_student_steps():
         _run_config(base, experiment, experiment.runs[1], 0, teachers)
 
 
-def test_the_teachers_are_prepared_once_for_every_seed_in_a_run_named_by_its_config():
-    from ckd_ray.cascade.experiment import _teacher_prep_config, load_experiment
+def test_the_teachers_are_prepared_once_for_every_seed_in_runs_named_by_their_config():
+    from ckd_ray.cascade.experiment import _prepared_base, load_experiment
+    from ckd_ray.cascade.prepared import preparation_config
+
+    def name(base, experiment, role="teacher"):
+        return preparation_config(_prepared_base(base, experiment), role)["name"]
 
     experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml")
-    prep = _teacher_prep_config(base, experiment)
+    prep = preparation_config(_prepared_base(base, experiment), "teacher")
     assert prep["seed"] == experiment.seeds[0]
-    assert _teacher_prep_config(base, experiment)["name"] == prep["name"]  # the same recipe: the same run folder
-    assert prep["name"].startswith("teachers-")
-    shorter, base2 = load_experiment(CONFIGS / "kvqa_table.yaml", ["cascade.teacher_prep_steps=[PT, FT]"])
-    assert _teacher_prep_config(base2, shorter)["name"] != prep["name"]  # another recipe: other teachers
+    assert name(base, experiment) == prep["name"]  # the same recipe: the same run folder
+    assert prep["name"].startswith("prepared-teacher-") and name(base, experiment, "ta").startswith("prepared-ta-")
+    shorter, base2 = load_experiment(CONFIGS / "kvqa_table.yaml", ["cascade.role_prep_steps={}"])
+    assert name(base2, shorter) != prep["name"]  # another recipe: another teacher
+    assert name(base2, shorter, "ta") == name(base, experiment, "ta")  # the TA's recipe did not change
     student_only, base3 = load_experiment(CONFIGS / "kvqa_table.yaml", ["evaluation.max_samples=8"])
-    assert _teacher_prep_config(base3, student_only)["name"] != prep["name"]  # its scores are recorded in that run
+    assert name(base3, student_only) != prep["name"]  # its scores are recorded in that run
+    # The quickstart prepares the same teachers as the experiment: one preparation for both.
+    quickstart = load_config(CONFIGS / "tiny_cascade.yaml").model_dump(mode="json", exclude_defaults=True)
+    assert preparation_config(quickstart, "teacher")["name"] == prep["name"]
     with pytest.raises(ConfigError, match="trainer.max_stepz"):
         load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.max_stepz=2"])
 

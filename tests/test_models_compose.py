@@ -356,7 +356,7 @@ def test_dpt_and_dft_on_composed_models_export_a_student_that_answers(ray_local,
 
 def test_the_shared_preparation_run_is_named_by_what_it_computes(composed):
     """Settings the preparation does not read (the signal, the loss, a student budget when every
-    preparation step has its own) keep the `teachers-<digest>` name, so the prepared teachers are
+    preparation step has its own) keep the `prepared-<role>-<digest>` name, so the prepared teachers are
     reused; the recipe, the data and the models change it."""
     from ckd_ray.cascade.prepared import preparation_config
 
@@ -364,17 +364,17 @@ def test_the_shared_preparation_run_is_named_by_what_it_computes(composed):
            "data": {"benchmark_root": "data/kvqa"}, "trainer": {"max_steps": 40},
            "cascade": {"plan": "single_teacher", "share_prepared_teachers": True,
                        "teacher_prep_steps": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 9}]}}
-    name = preparation_config(raw, ["teacher"])["name"]
-    assert name.startswith("teachers-")
+    name = preparation_config(raw, "teacher")["name"]
+    assert name.startswith("prepared-teacher-")
     same = {**raw, "trainer": {"max_steps": 80}, "loss": {"temperature": 2.0}, "signal": {"response_top_k": 4},
             "cascade": {**raw["cascade"], "plan": "bottom_up", "student_alone": True}}
-    assert preparation_config(same, ["teacher"])["name"] == name
+    assert preparation_config(same, "teacher")["name"] == name
     longer = {**raw, "cascade": {**raw["cascade"], "teacher_prep_steps": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 10}]}}
     other_data = {**raw, "data": {"benchmark_root": "data/kvqa", "caption_share": 0.1}}
-    assert len({name, preparation_config(longer, ["teacher"])["name"], preparation_config(other_data, ["teacher"])["name"]}) == 3
+    assert len({name, preparation_config(longer, "teacher")["name"], preparation_config(other_data, "teacher")["name"]}) == 3
     own = {**raw, "cascade": {**raw["cascade"], "role_prep_steps": {"teacher": [{"kind": "PT", "max_steps": 5}, {"kind": "FT", "max_steps": 20}]}}}
-    assert validate_config(preparation_config(own, ["teacher"])).cascade.stages[0].steps[1].max_steps == 20
-    prep = validate_config(preparation_config(raw, ["teacher"]))
+    assert validate_config(preparation_config(own, "teacher")).cascade.stages[0].steps[1].max_steps == 20
+    prep = validate_config(preparation_config(raw, "teacher"))
     assert [(s.name, s.learner, [k.kind for k in s.steps]) for s in prep.cascade.stages] == [("prepare-teacher", "teacher", ["PT", "FT"])]
     assert not prep.cascade.prepare_teachers
 
@@ -398,8 +398,8 @@ def test_teachers_prepared_once_are_reused_by_a_later_job_with_the_same_recipe(r
     }
     first: list[str] = []
     result = run_cascade(validate_config(raw), log=first.append, progress=False)
-    prep_runs = sorted((tmp_path / "runs").glob("teachers-*"))
-    assert len(prep_runs) == 1 and any("preparing the teachers once" in line for line in first)
+    prep_runs = sorted((tmp_path / "runs").glob("prepared-teacher-*"))
+    assert len(prep_runs) == 1 and any("preparing teacher once" in line for line in first)
     prep_manifest = json.loads((prep_runs[0] / "manifest.json").read_text())
     assert [(s["learner"], s["step"]) for s in prep_manifest["steps"].values()] == [("teacher", "PT"), ("teacher", "FT")]
     manifest = json.loads(Path(result.manifest_uri).read_text())
@@ -414,8 +414,8 @@ def test_teachers_prepared_once_are_reused_by_a_later_job_with_the_same_recipe(r
     again = {**raw, "name": "second", "loss": {"temperature": 2.0}, "trainer": {**raw["trainer"], "max_steps": 2},
              "signal": {**raw["signal"], "version": 2, "tail_mass": 0.05}}
     result = run_cascade(validate_config(again), log=second.append, progress=False)
-    assert sorted((tmp_path / "runs").glob("teachers-*")) == prep_runs
-    assert any("teachers prepared by an earlier run" in line for line in second)
+    assert sorted((tmp_path / "runs").glob("prepared-teacher-*")) == prep_runs
+    assert any("teacher prepared by an earlier run" in line for line in second)
     assert json.loads((prep_runs[0] / "manifest.json").read_text())["steps"] == prep_manifest["steps"]
     manifest = json.loads(Path(result.manifest_uri).read_text())
     step = manifest["steps"]["00-s1-teacher_to_student-DFT"]

@@ -113,11 +113,12 @@ class CascadeConfig(Section):
     """A role's own preparation steps instead of `teacher_prep_steps` (e.g. `{teacher: [...]}`:
     the papers' largest teacher is trained longest)."""
     share_prepared_teachers: bool = False
-    """Prepare the teachers in a run of their own, `<storage.root>/teachers-<digest>`, named after
-    what it computes (models, data, evaluation, trainer settings, `teacher_prep_steps`; not the
-    signal, the loss or a student budget that the preparation steps do not read), and reuse it:
-    a later job with the same recipe starts from those checkpoints without preparing them again.
-    Off: the preparation steps are the first steps of this job's own run."""
+    """Prepare each teacher role in a run of its own, `<storage.root>/prepared-<role>-<digest>`,
+    named after what it computes (that role's model, the data, evaluation and trainer settings,
+    its preparation steps; not the other roles, the signal, the loss or a student budget that the
+    preparation steps do not read), and reuse it: a later job with the same recipe for that role
+    starts from its checkpoint without preparing it again. Off: the preparation steps are the
+    first steps of this job's own run."""
     stages: list[StageConfig] = Field(default_factory=list)
     """Stages in order; the learner's checkpoint is handed from each stage to the next."""
     student_alone: bool = False

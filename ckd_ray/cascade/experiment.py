@@ -141,12 +141,13 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
     return raw
 
 
-def _teacher_prep_config(base: dict, experiment: ExperimentConfig) -> dict:
-    """The run that prepares the TA and the teacher, once for every seed (the rows differ only in
-    how the student learns), shared with any later run of the same recipe (`ckd_ray.cascade.prepared`)."""
-    from ckd_ray.cascade.prepared import preparation_config
-
-    return preparation_config(_apply(deep_merge(base, {}), experiment.command_overrides), ("ta", "teacher"), seed=experiment.seeds[0])
+def _prepared_base(base: dict, experiment: ExperimentConfig) -> dict:
+    """The job the TA and the teacher are prepared from, once for every seed (the rows differ only
+    in how the student learns); each role's run is shared with any later run of the same recipe
+    (`ckd_ray.cascade.prepared`)."""
+    raw = _apply(deep_merge(base, {}), experiment.command_overrides)
+    raw["seed"] = experiment.seeds[0]
+    return raw
 
 
 @dataclass
@@ -172,25 +173,27 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     from ckd_ray.cascade.datasets import StepData, distinct_samples
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.plan import build_plan
-    from ckd_ray.cascade.prepared import copy_teacher_scores, prepare_teachers_once
+    from ckd_ray.cascade.prepared import copy_teacher_scores, prepare_once
     from ckd_ray.cascade.runner import check_model_folders, connect_ray, raise_storage_problems, run_cascade
 
     started = time.perf_counter()
-    prep = validate_config(_teacher_prep_config(base, experiment))
-    root = storage.join(prep.storage.root, experiment.name)  # the runs' root, `--set storage.root` included
-    raise_storage_problems(prep)  # missing data or models: ConfigError before Ray starts
-    check_model_folders(prep)
+    raw = _prepared_base(base, experiment)
+    first = validate_config(raw)
+    root = storage.join(first.storage.root, experiment.name)  # the runs' root, `--set storage.root` included
+    raise_storage_problems(first)  # missing data or models: ConfigError before Ray starts
+    check_model_folders(first)
     # One Ray for the whole experiment: every run_cascade below joins this one (connect_ray is a
     # no-op once connected), so rows pay no Ray start; each row trains its plan on one worker group.
     clock = time.perf_counter()
-    connect_ray(prep.ray, metrics_export_port=prep.observability.metrics_export_port)
+    connect_ray(first.ray, metrics_export_port=first.observability.metrics_export_port)
     times = {"ray_start": time.perf_counter() - clock}
-    log(f"[experiment] teachers: {prep.name}, prepared once for seeds {experiment.seeds} (reused when an earlier run prepared them)")
+    log(f"[experiment] the TA and the teacher, prepared once for seeds {experiment.seeds} (reused when an earlier run prepared them)")
     clock = time.perf_counter()
-    prepared = prepare_teachers_once(prep, log)
-    times["teachers"] = {"wall": time.perf_counter() - clock, **_recorded_seconds(prepared)}
-    teachers = {role: prepared.roles[role] for role in ("ta", "teacher")}
-    prepared_entries = {role: prepared.evaluations[f"prepare-{role} ({role})"] for role in ("ta", "teacher")}
+    prepared = prepare_once(raw, ("ta", "teacher"), log)
+    recorded = [_recorded_seconds(done.manifest) for done in prepared.values()]
+    times["teachers"] = {"wall": time.perf_counter() - clock, **{key: sum(r[key] for r in recorded) for key in recorded[0]}}
+    teachers = {role: done.model_uri for role, done in prepared.items()}
+    prepared_entries = {role: done.manifest.evaluations[done.evaluation_name] for role, done in prepared.items()}
     prepared_scores = {role: entry["scores"] for role, entry in prepared_entries.items()}
     prepared_records = {role: _read_records(entry["predictions_uri"]) for role, entry in prepared_entries.items()}
     rows: dict[str, _Row] = {run.name: _Row() for run in experiment.runs}
@@ -200,7 +203,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
         for run in experiment.runs:
             job = validate_config(_run_config(base, experiment, run, seed, teachers))
             log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
-            copy_teacher_scores(job, prep, prepared, ("ta", "teacher"))
+            copy_teacher_scores(job, prepared.values())
             clock = time.perf_counter()
             run_cascade(job, log=log)
             wall = time.perf_counter() - clock
@@ -226,7 +229,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     table = _table(experiment, rows, stage_rows, prepared_scores, comparisons, times)
     storage.write_bytes(storage.join(root, "table.md"), table.encode())
     storage.write_bytes(storage.join(root, "table.json"), json.dumps({
-        "seeds": experiment.seeds, "teachers": {"run": prep.run_uri, "scores": prepared_scores},
+        "seeds": experiment.seeds, "teachers": {"runs": {role: done.job.run_uri for role, done in prepared.items()}, "scores": prepared_scores},
         "rows": {name: {"scores": r.scores, "student_steps": r.steps, "samples_seen": r.samples, "distinct_samples": r.distinct,
                         "seconds": r.seconds} for name, r in rows.items()},
         "stages": stage_rows, "comparisons": {name: {**asdict(c), "verdict": c.verdict} for name, c in comparisons.items()}, "seconds": times,

@@ -1,10 +1,13 @@
-"""Teachers prepared once: the preparation (PT, FT) of a job's teacher roles as a run of its own,
-named after a digest of what it computes (`<storage.root>/teachers-<digest>`). Every later job
-with the same teachers, data and recipe (a rerun with other student settings, each seed and row
-of an experiment) finds that run finished and uses its checkpoints instead of training them again.
+"""Teachers prepared once: the preparation (PT, FT) of each teacher role as a run of its own,
+named after the role and a digest of what it computes (`<storage.root>/prepared-<role>-<digest>`).
+Every later job with the same model, data and recipe for that role (a rerun with other student
+settings, another plan that uses the same teacher, each seed and row of an experiment) finds the
+run finished and starts from its checkpoint instead of training the role again.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from ckd_ray.cascade.manifest import Manifest, config_hash
 from ckd_ray.config.job import JobConfig
@@ -15,80 +18,97 @@ from ckd_ray.config.loader import validate_config
 _NOT_READ_BY_PREPARATION = ("signal", "loss", "teacher_pool", "tune", "observability")
 
 
-def preparation_config(raw: dict, roles: list[str] | tuple[str, ...], seed: int | None = None) -> dict:
-    """The run that prepares `roles` of the job `raw` (its `cascade.teacher_prep_steps`, one stage
-    per role, no teacher), named `teachers-<digest of that run's config>`."""
+@dataclass
+class Prepared:
+    """One role's preparation run: its job and its manifest."""
+
+    role: str
+    job: JobConfig
+    manifest: Manifest
+
+    @property
+    def model_uri(self) -> str:
+        return self.manifest.roles[self.role]
+
+    @property
+    def evaluation_name(self) -> str:
+        return f"prepare-{self.role} ({self.role})"
+
+
+def preparation_config(raw: dict, role: str, seed: int | None = None) -> dict:
+    """The run that prepares `role` of the job `raw` (its `cascade.role_prep_steps` or
+    `teacher_prep_steps`, no teacher), named `prepared-<role>-<digest of that run's config>`. The
+    run holds only the student and that role, so another role's model does not enter the digest."""
     from ckd_ray.cascade.config import CascadeConfig
 
     raw = {key: value for key, value in raw.items() if key not in _NOT_READ_BY_PREPARATION}
     if seed is not None:
         raw["seed"] = seed
+    models = raw.get("models", {})
+    raw["models"] = {name: spec for name, spec in models.items() if name in ("student", role)}
     cascade = CascadeConfig.model_validate({key: value for key, value in raw.get("cascade", {}).items()
                                             if key in ("teacher_prep_steps", "role_prep_steps")})
-    steps = {role: [step.model_dump(exclude_none=True) for step in cascade.prep_steps(role)] for role in roles}
-    every = [step for role_steps in steps.values() for step in role_steps]
-    # The student's budget is not the teachers': a trainer setting every preparation step overrides is not read.
-    unread = [key for key in ("max_steps", "epochs") if all(step.get(key) for step in every)]
+    steps = [step.model_dump(exclude_none=True) for step in cascade.prep_steps(role)]
+    # The student's budget is not the teacher's: a trainer setting every preparation step overrides is not read.
+    unread = [key for key in ("max_steps", "epochs") if all(step.get(key) for step in steps)]
     raw["trainer"] = {key: value for key, value in raw.get("trainer", {}).items() if key not in unread}
-    raw["cascade"] = {"prepare_teachers": False,
-                      "stages": [{"name": f"prepare-{role}", "learner": role, "steps": steps[role]} for role in roles]}
-    raw["name"] = "teachers"
+    raw["cascade"] = {"prepare_teachers": False, "stages": [{"name": f"prepare-{role}", "learner": role, "steps": steps}]}
+    raw["name"] = f"prepared-{role}"
     digest = config_hash(validate_config(raw))[:10]  # what the run computes, as its manifest identifies it
-    raw["name"] = f"teachers-{digest}"
+    raw["name"] = f"prepared-{role}-{digest}"
     return raw
 
 
-def prepare_teachers_once(prep: JobConfig, log=print) -> Manifest:
-    """Runs the preparation job `prep` (a `preparation_config`), or finds it finished by an earlier
-    command (its manifest skips every done step); returns its manifest."""
+def prepare_once(raw: dict, roles, log=print, seed: int | None = None) -> dict[str, Prepared]:
+    """Each of `roles` of the job `raw` prepared by its own run (`preparation_config`), or found
+    finished by an earlier command (a run's manifest skips every done step)."""
+    from ckd_ray.cascade.plan import build_plan
     from ckd_ray.cascade.runner import run_cascade
 
-    manifest = Manifest.open(prep.run_uri, prep)  # refuses a folder of another config
-    if all(manifest.done(step_id) for step_id in _step_ids(prep)):
-        log(f"[cascade] teachers prepared by an earlier run: {prep.run_uri}")
-        return manifest
-    log(f"[cascade] preparing the teachers once, for this and later runs: {prep.run_uri}")
-    run_cascade(prep, log=log)
-    return Manifest.open(prep.run_uri, prep)
-
-
-def with_prepared_teachers(job: JobConfig, roles: list[str], log=print, copy_scores: bool = True) -> tuple[JobConfig, JobConfig]:
-    """`job` with each of `roles` replaced by its checkpoint from the shared preparation run (and
-    no preparation of its own), and that run's job. With `copy_scores` the prepared teachers'
-    scores are copied into the job's manifest (`copy_teacher_scores`), so its report shows them
-    beside the students."""
-    raw = job.model_dump(mode="json", exclude_defaults=True)
-    prep = validate_config(preparation_config(raw, roles))
-    prepared = prepare_teachers_once(prep, log)
-    models = dict(raw.get("models", {}))
+    prepared = {}
     for role in roles:
+        prep = validate_config(preparation_config(raw, role, seed))
+        manifest = Manifest.open(prep.run_uri, prep)  # refuses a folder of another config
+        finished = all(manifest.done(planned.step_id) for planned in build_plan(prep))
+        if finished and f"prepare-{role} ({role})" in manifest.evaluations:
+            log(f"[cascade] {role} prepared by an earlier run: {prep.run_uri}")
+        else:
+            log(f"[cascade] preparing {role} once, for this and later runs: {prep.run_uri}")
+            run_cascade(prep, log=log)
+            manifest = Manifest.open(prep.run_uri, prep)
+        prepared[role] = Prepared(role, prep, manifest)
+    return prepared
+
+
+def with_prepared_teachers(job: JobConfig, roles: list[str], log=print, copy_scores: bool = True) -> JobConfig:
+    """`job` with each of `roles` replaced by its checkpoint from its shared preparation run (and
+    no preparation of its own). With `copy_scores` the prepared teachers' scores are copied into
+    the job's manifest (`copy_teacher_scores`), so its report shows them beside the students."""
+    raw = job.model_dump(mode="json", exclude_defaults=True)
+    prepared = prepare_once(raw, roles, log)
+    models = dict(raw.get("models", {}))
+    for role, done in prepared.items():
         spec = job.models[role].model_dump(mode="json", exclude_defaults=True, exclude={"preset", "path", "prepare"})
-        models[role] = {**spec, "path": prepared.roles[role]}
+        models[role] = {**spec, "path": done.model_uri}
     raw["models"] = models
     raw["cascade"] = {**raw.get("cascade", {}), "prepare_teachers": False, "share_prepared_teachers": False}
     ready = validate_config(raw)
     if copy_scores:
-        copy_teacher_scores(ready, prep, prepared, roles)
-    return ready, prep
+        copy_teacher_scores(ready, prepared.values())
+    return ready
 
 
-def copy_teacher_scores(job: JobConfig, prep: JobConfig, prepared: Manifest, roles) -> None:
+def copy_teacher_scores(job: JobConfig, prepared) -> None:
     """A job scores the teachers of its stages (for knowledge preservation); prepared ones were
     scored by their own run on the same samples when the evaluation and data settings are the
     same, so the job's manifest starts with those scores and does not score them again."""
-    if job.evaluation != prep.evaluation or job.data != prep.data:
-        return
     manifest = Manifest.open(job.run_uri, job)
-    names = [f"prepare-{role} ({role})" for role in roles]
-    if all(name in manifest.evaluations for name in names):
-        return
-    for name in names:
-        if name in prepared.evaluations:
-            manifest.evaluations.setdefault(name, {**prepared.evaluations[name], "seconds": 0.0})
-    manifest.save()
-
-
-def _step_ids(job: JobConfig) -> list[str]:
-    from ckd_ray.cascade.plan import build_plan
-
-    return [planned.step_id for planned in build_plan(job)]
+    changed = False
+    for done in prepared:
+        if job.evaluation != done.job.evaluation or job.data != done.job.data:
+            continue
+        if done.evaluation_name not in manifest.evaluations and done.evaluation_name in done.manifest.evaluations:
+            manifest.evaluations[done.evaluation_name] = {**done.manifest.evaluations[done.evaluation_name], "seconds": 0.0}
+            changed = True
+    if changed:
+        manifest.save()

@@ -116,7 +116,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
         from ckd_ray.cascade.prepared import with_prepared_teachers
 
         connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
-        job, _ = with_prepared_teachers(job, shared, log=log)
+        job = with_prepared_teachers(job, shared, log=log)
     run_uri = job.run_uri
     data = StepData(job, run_uri)
     data.evaluation_sets()  # an evaluation that selects nothing is refused now, not after the training

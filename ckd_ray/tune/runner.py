@@ -102,7 +102,7 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     if shared:  # the cascade's shared preparation run: a quickstart with the same recipe already made them
         from ckd_ray.cascade.prepared import with_prepared_teachers
 
-        job, _ = with_prepared_teachers(job, shared, log=log, copy_scores=False)
+        job = with_prepared_teachers(job, shared, log=log, copy_scores=False)
     tune_uri = storage.join(job.run_uri, "tune")
     manifest = Manifest.open(tune_uri, job)
     data = StepData(job, tune_uri)
