@@ -79,6 +79,9 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
     "ckd-ray tune configs/tiny_tune.yaml [--run-best]": Run(
         tuple(f"--set {shlex.quote(s)}" for s in TUNE_SHRINK), as_run="ckd-ray tune configs/tiny_tune.yaml --run-best",
         expect=("best config", "running the same cascade with the untuned weights"), files=("runs/tiny-tune/tune/best_config.yaml",)),
+    "ckd-ray tune configs/tiny_tune_weights.yaml --run-best": Elsewhere(
+        "tests/test_tune_search.py::test_a_five_weight_search_over_the_hop_stages_writes_a_best_config_the_cascade_accepts",
+        "the same config with small budgets (joint mode: one search); --run-best is the tiny_tune.yaml command's, run here"),
     "ckd-ray experiment configs/kvqa_table.yaml": Run(
         ("--seeds 0", *(f"--set {shlex.quote(s)}" for s in EXPERIMENT_SHRINK)), expect=("table: ",), files=("runs/kvqa-table/table.md",)),
     "ckd-ray models compose --llm DIR --vision DIR --out DIR": Elsewhere(
