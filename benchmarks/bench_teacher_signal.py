@@ -22,7 +22,6 @@ In one run:
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -79,7 +79,7 @@ def test_targets_are_shifted_and_masks_line_up(processor, png):
 
     dtypes = {k: v.dtype for k, v in samples.items()}
     assert dtypes["input_ids"] == dtypes["target_ids"] == np.int32 and dtypes["attention_mask"] == np.int8
-    assert dtypes["response_mask"] == dtypes["visual_mask"] == bool and dtypes["hop"] == np.int8
+    assert dtypes["response_mask"] == dtypes["visual_mask"] == np.bool_ and dtypes["hop"] == np.int8
     assert samples["pixel_values"].shape == (1, 3, 32, 32) and dtypes["pixel_values"] == np.float32
     assert samples["input_ids"].shape == (1, 128)
 

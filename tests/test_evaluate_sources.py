@@ -303,7 +303,6 @@ def test_an_evaluation_that_selects_nothing_is_refused_before_ray_starts(sets, t
 def test_config_check_refuses_an_evaluation_of_a_split_the_training_data_cannot_hold_apart(tmp_path):
     """No evaluation.sources while the job trains on every record of its instruction sources: the
     held-out split is empty (LLaVA-1.5 records have no split key) or the training data itself."""
-    import yaml
     from click.testing import CliRunner
 
     from ckd_ray.cli import main

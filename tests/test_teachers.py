@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal as signals
-import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from ckd_ray import storage
 from ckd_ray.data.config import DataConfig
 from ckd_ray.data.pipeline import build_student_dataset
 from ckd_ray.data.processor import Processor
@@ -193,7 +191,6 @@ def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_th
     reader made before any entry exists lists its files once the pass's ticket names them; a
     waiter of a pass that fails gets the pass's error instead of waiting forever; a pass whose
     teacher never comes ends when the group stops."""
-    import time
 
     import ray.data
 

@@ -185,7 +185,7 @@ def _check_signal(config: JobConfig) -> list[Problem]:
 
 
 def _missing_signal(term: str, loss, signal) -> tuple[str, str] | None:
-    off = f"or set the weight to 0"
+    off = "or set the weight to 0"
     if term == "output" and signal.response_top_k == 0:
         return "> 0 but signal.response_top_k is 0", f"set signal.response_top_k (e.g. 64), {off}"
     if term == "visual_kl" and signal.visual_top_k == 0:

@@ -33,7 +33,7 @@ import numpy as np
 
 from ckd_ray import storage
 from ckd_ray.data.baselines import BASELINES_FILE, TextAnswerers, text_classifier_predictions
-from ckd_ray.data.knowledge_graph import CONFUSABLE, NUMBER_WORDS, RELATIONS, Fact, NumberKnowledgeGraph
+from ckd_ray.data.knowledge_graph import CONFUSABLE, NUMBER_WORDS, RELATIONS, NumberKnowledgeGraph
 from ckd_ray.data.processor import IMAGE_TOKEN, build_processor_dir, render_chat
 
 BENCHMARK_VERSION = 2  # 2: answers need the image (balanced per family, no answer in the text alone)

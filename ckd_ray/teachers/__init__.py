@@ -9,7 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "SignalCache": "cache", "cache_key": "cache", "teacher_checkpoint_hash": "cache",
     "SignalSpec": "config", "TeacherPoolConfig": "config",
-    "TeacherActor": "pool", "TeacherSource": "pool", "add_teacher_stage": "pool", "start_teacher_actor": "pool",
+    "TeacherActor": "pool", "TeacherSource": "pool", "add_teacher_stage": "pool",
     "SIGNAL_VERSION": "signal", "bytes_per_sample": "signal", "decode_signal": "signal", "spec_fingerprint": "signal",
 }
 

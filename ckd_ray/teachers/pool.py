@@ -104,11 +104,3 @@ def add_teacher_stage(dataset, source: TeacherSource, spec: SignalSpec, pool: Te
         resources=pool.resources or None,
     )
 
-
-def start_teacher_actor(source: TeacherSource, spec: SignalSpec, pool: TeacherPoolConfig):
-    """A plain Ray actor of the teacher: `ray.get(actor.forward.remote(batch))`."""
-    import ray
-
-    # Like the Ray Data pool: a dead actor is restarted and its pending calls retried.
-    remote_cls = ray.remote(num_gpus=pool.num_gpus or 0, num_cpus=pool.num_cpus, resources=pool.resources or None, max_restarts=-1, max_task_retries=-1)(TeacherActor)
-    return remote_cls.remote(source, spec)

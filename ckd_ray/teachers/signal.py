@@ -115,10 +115,6 @@ def bytes_per_sample(
     return parts
 
 
-def full_logits_bytes(seq_len: int, vocab_size: int, bytes_per_value: int = 4) -> int:
-    return seq_len * vocab_size * bytes_per_value
-
-
 def signal_nbytes(columns: dict[str, np.ndarray]) -> int:
     """Bytes of the signal columns of a batch (a version 2 bytes column counts its payloads)."""
     return int(sum(_column_nbytes(v) for k, v in columns.items() if k.startswith(SIGNAL_PREFIX)))
