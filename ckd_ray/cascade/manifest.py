@@ -85,6 +85,14 @@ class Manifest:
         return cls(uri=uri, job=data["job"], config_hash=digest, steps=data["steps"], roles=data["roles"],
                    evaluations=data.get("evaluations", {}), baselines=data.get("baselines", {}))
 
+    @classmethod
+    def read(cls, run_uri: str) -> "Manifest":
+        """A run's manifest as written, whatever config wrote it (to read a finished run's results;
+        resuming goes through `open`, which checks the config)."""
+        data = _read_checked(storage.join(run_uri, "manifest.json"))
+        return cls(uri=storage.join(run_uri, "manifest.json"), job=data["job"], config_hash=data["config_hash"], steps=data["steps"],
+                   roles=data["roles"], evaluations=data.get("evaluations", {}), baselines=data.get("baselines", {}))
+
     def done(self, step_id: str) -> bool:
         return self.steps.get(step_id, {}).get("status") == "done"
 

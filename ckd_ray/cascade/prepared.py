@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckd_ray.cascade.manifest import Manifest, config_hash
+from ckd_ray import storage
+from ckd_ray.cascade.manifest import Manifest, ManifestMismatchError, config_hash
 from ckd_ray.config.job import JobConfig
 from ckd_ray.config.loader import validate_config
 
@@ -54,9 +55,22 @@ def preparation_config(raw: dict, role: str, seed: int | None = None) -> dict:
     raw["trainer"] = {key: value for key, value in raw.get("trainer", {}).items() if key not in unread}
     raw["cascade"] = {"prepare_teachers": False, "stages": [{"name": f"prepare-{role}", "learner": role, "steps": steps}]}
     raw["name"] = f"prepared-{role}"
-    digest = config_hash(validate_config(raw))[:10]  # what the run computes, as its manifest identifies it
+    digest = config_hash(validate_config(_by_content(raw)))[:10]  # what the run computes
     raw["name"] = f"prepared-{role}-{digest}"
     return raw
+
+
+def _by_content(raw: dict) -> dict:
+    """`raw` with each model folder named by a hash of its content instead of its path: the same
+    folder reached by another path (a submitted job reads Ray's upload of the working directory)
+    is the same model."""
+    from ckd_ray.teachers.cache import teacher_checkpoint_hash
+
+    models = {}
+    for role, spec in raw.get("models", {}).items():
+        path = spec.get("path") if isinstance(spec, dict) else None
+        models[role] = {**spec, "path": f"content-{teacher_checkpoint_hash(path)}"} if path and storage.exists(path) else spec
+    return {**raw, "models": models}
 
 
 def prepare_once(raw: dict, roles, log=print, seed: int | None = None) -> dict[str, Prepared]:
@@ -68,7 +82,10 @@ def prepare_once(raw: dict, roles, log=print, seed: int | None = None) -> dict[s
     prepared = {}
     for role in roles:
         prep = validate_config(preparation_config(raw, role, seed))
-        manifest = Manifest.open(prep.run_uri, prep)  # refuses a folder of another config
+        try:
+            manifest = Manifest.open(prep.run_uri, prep)
+        except ManifestMismatchError:  # the same models by content, reached by other paths
+            manifest = Manifest.read(prep.run_uri)
         finished = all(manifest.done(planned.step_id) for planned in build_plan(prep))
         if finished and f"prepare-{role} ({role})" in manifest.evaluations:
             log(f"[cascade] {role} prepared by an earlier run: {prep.run_uri}")
