@@ -54,6 +54,14 @@ class Elsewhere:
 
 
 @dataclass(frozen=True)
+class InBlock:
+    """Run with the rest of the README block of `section`, as one shell script, after the other
+    commands (see `job_submit_script`)."""
+
+    section: str
+
+
+@dataclass(frozen=True)
 class PythonBlock:
     """Run the block with `python -c`, its override list replaced by `overrides`."""
 
@@ -61,8 +69,9 @@ class PythonBlock:
     expect: tuple[str, ...] = ()
 
 
+JOB_SUBMIT_SECTION = "`ray job submit`"
 JOB_SUBMIT = "tests/reliability/test_cluster_job.py::test_job_on_two_nodes_logs_no_error_and_never_shows_its_s3_credentials"
-CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
+CHECKS: dict[str, Run | Elsewhere | PythonBlock | InBlock] = {
     # Two commands
     "bash scripts/quickstart.sh": Run(tuple(f"--set {shlex.quote(s)}" for s in SHRINK), expect=("report: ", "student: "),
                                       files=("runs/tiny-cascade/report.md", "runs/tiny-cascade/step_phases.png")),
@@ -89,15 +98,18 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock] = {
         "DIR stands for public checkpoints; the test composes tiny folders of the same layout"),
     "ckd-ray --help": Run(expect=("cascade", "tune", "experiment")),
     "ckd-ray models pretrain data/kvqa": Run(expect=("pretrained parts ready", "[cached]")),
-    # `ray job submit`
-    "source .venv/bin/activate": Elsewhere(JOB_SUBMIT, "the job-submit test runs with the venv's bin first on PATH"),
-    "export RAY_AUTH_MODE=token": Elsewhere("tests/conftest.py", "the ray_cluster fixture's environment sets RAY_AUTH_MODE=token"),
-    "ray start --head --num-cpus 8 --dashboard-host 127.0.0.1": Elsewhere(JOB_SUBMIT, "on free ports, with a second node"),
+    # `ray job submit`: the whole block, as one script, at the end of the README test
+    "source .venv/bin/activate": InBlock(JOB_SUBMIT_SECTION),
+    "export RAY_AUTH_MODE=token": InBlock(JOB_SUBMIT_SECTION),
+    "ray start --head --num-cpus 8 --dashboard-host 127.0.0.1": InBlock(JOB_SUBMIT_SECTION),
     ("ray job submit --address http://127.0.0.1:8265 --working-dir .  --runtime-env jobs/runtime_env.yaml --  python "
-     "jobs/cascade_job.py configs/tiny_cascade.yaml --set data.benchmark_root=$PWD/data/kvqa --set storage.root=$PWD/runs"):
-        Elsewhere(JOB_SUBMIT, "submitted to a two-node head on loopback, budgets shrunk"),
-    "ray job logs --address http://127.0.0.1:8265 <submission id>": Elsewhere(JOB_SUBMIT, "ray job submit prints the same log"),
-    "ray stop": Elsewhere("tests/conftest.py", "the fixture stops only its own cluster: ray stop would end the suite's too"),
+     "jobs/cascade_job.py configs/tiny_cascade.yaml --set name=tiny-cascade-job  --set data.benchmark_root=$PWD/data/kvqa "
+     "--set storage.root=$PWD/runs"): InBlock(JOB_SUBMIT_SECTION),
+    "ray job logs --address http://127.0.0.1:8265 <submission id>": InBlock(JOB_SUBMIT_SECTION),
+    ("ray job submit --address http://127.0.0.1:8265 --working-dir .  --runtime-env jobs/runtime_env.yaml --  python "
+     "jobs/tune_job.py configs/tiny_tune.yaml --set name=tiny-tune-job  --set data.benchmark_root=$PWD/data/kvqa "
+     "--set storage.root=$PWD/runs"): InBlock(JOB_SUBMIT_SECTION),
+    "ray stop": InBlock(JOB_SUBMIT_SECTION),
     # On a GPU cluster
     "pip install torch --index-url https://download.pytorch.org/whl/cu124": Elsewhere(
         "scripts/setup.sh", "a CUDA wheel from the internet, for GPU nodes; the CPU install path is setup.sh"),
@@ -251,7 +263,7 @@ def test_readme_commands_run_as_written(tmp_path):
     ran = []
     for command in order:
         check = CHECKS[command]
-        if isinstance(check, Elsewhere):
+        if isinstance(check, (Elsewhere, InBlock)):
             continue
         if isinstance(check, PythonBlock):
             code = re.sub(r'\["trainer\.max_steps=20"\]', repr(list(check.overrides)), commands[command])
@@ -272,3 +284,64 @@ def test_readme_commands_run_as_written(tmp_path):
             assert (copy / name).exists(), f"{shown}: {name} was not written"
         ran.append(shown)
     assert len(ran) >= 9, ran
+    _run_job_submit_block(copy, env)
+
+
+def job_submit_script(code: str, ports: dict[str, int], temp_dir: str, shrink: list[str]) -> str:
+    """The README's `ray job submit` block as a script that runs beside the test session's own
+    Ray: the head gets free ports and a temp folder of its own (appended to `ray start`, and the
+    job API's port replaces 8265), each submitted job's budgets are shrunk by `--set`, the
+    submission id `ray job submit` printed fills `<submission id>`, and `ray stop` (which would
+    end every Ray of the machine) is left to the test, which stops the head's processes."""
+    lines = ["set -euo pipefail"]
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    for line in re.sub(r"\\\n\s*", " ", code).splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()
+        if not line or line.startswith("#") or line == "ray stop":
+            continue
+        line = line.replace("http://127.0.0.1:8265", dashboard)
+        if line.startswith("ray start --head"):
+            line += f" --port {ports['gcs']} --dashboard-port {ports['dashboard']} --ray-client-server-port {ports['client']}"
+            line += f" --node-ip-address 127.0.0.1 --temp-dir {temp_dir} --disable-usage-stats"
+            line += "".join(f" --{name} {port}" for name, port in ports.items() if name not in ("gcs", "dashboard", "client"))
+        if line.startswith("ray job submit"):
+            line += "".join(f" --set {shlex.quote(s)}" for s in shrink) + " 2>&1 | tee -a submitted.log"
+        line = line.replace("<submission id>", "\"$(grep -o 'raysubmit_[A-Za-z0-9]*' submitted.log | tail -1)\"")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _run_job_submit_block(copy: Path, env: dict) -> None:
+    from conftest import RayCluster, _free_ports
+
+    code = next(code for section, language, code in readme_blocks((REPO / "README.md").read_text())
+                if section == JOB_SUBMIT_SECTION and language == "bash")
+    names = ["gcs", "dashboard", "client", "node-manager-port", "object-manager-port", "metrics-export-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"]
+    cluster = RayCluster(env)  # only for its temp folder and `stop`, which ends the processes that name it
+    script = job_submit_script(code, dict(zip(names, _free_ports(len(names)))), cluster.temp_dir, TUNE_SHRINK)
+    started = time.monotonic()
+    try:
+        done = subprocess.run(["bash", "-c", script], cwd=copy, env={**env, "VIRTUAL_ENV": ""}, capture_output=True, text=True,
+                              timeout=1200)
+    finally:
+        cluster.stop()
+    print(f"{time.monotonic() - started:6.1f} s  the `ray job submit` block")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"the README's `ray job submit` block failed:\n{script}\n{output[-5000:]}"
+    assert output.count("succeeded") >= 2, output[-4000:]  # both submitted jobs
+    assert "report: " in output and "best config" in output, output[-4000:]
+    assert "teacher prepared by an earlier run" in output, output[-4000:]  # the quickstart's, found by content
+
+
+def test_the_job_submit_block_becomes_a_script_on_its_own_ports():
+    code = next(code for section, language, code in readme_blocks((REPO / "README.md").read_text())
+                if section == JOB_SUBMIT_SECTION and language == "bash")
+    ports = {"gcs": 1, "dashboard": 2, "client": 3, "node-manager-port": 4}
+    script = job_submit_script(code, ports, "/tmp/x", ["trainer.max_steps=2", "cascade.teacher_prep_steps=[PT, FT]"])
+    assert "8265" not in script and "ray stop" not in script and "<submission id>" not in script
+    assert "ray start --head --num-cpus 8 --dashboard-host 127.0.0.1 --port 1 --dashboard-port 2" in script
+    assert "--temp-dir /tmp/x" in script and "--node-manager-port 4" in script
+    submits = [line for line in script.splitlines() if line.startswith("ray job submit")]
+    assert len(submits) == 2 and all("--set 'cascade.teacher_prep_steps=[PT, FT]'" in line for line in submits)
+    assert "jobs/tune_job.py configs/tiny_tune.yaml" in submits[1]
