@@ -287,11 +287,12 @@ def test_readme_commands_run_as_written(tmp_path):
     _run_job_submit_block(copy, env)
 
 
-def job_submit_script(code: str, ports: dict[str, int], temp_dir: str, shrink: list[str]) -> str:
+def job_submit_script(code: str, ports: dict[str, int], temp_dir: str, shrink: list[str], log: str = "/tmp/submitted.log") -> str:
     """The README's `ray job submit` block as a script that runs beside the test session's own
     Ray: the head gets free ports and a temp folder of its own (appended to `ray start`, and the
     job API's port replaces 8265), each submitted job's budgets are shrunk by `--set`, the
-    submission id `ray job submit` printed fills `<submission id>`, and `ray stop` (which would
+    submission id `ray job submit` printed (kept in `log`, outside the working directory, which
+    must not change while Ray packages it) fills `<submission id>`, and `ray stop` (which would
     end every Ray of the machine) is left to the test, which stops the head's processes."""
     lines = ["set -euo pipefail"]
     dashboard = f"http://127.0.0.1:{ports['dashboard']}"
@@ -305,8 +306,8 @@ def job_submit_script(code: str, ports: dict[str, int], temp_dir: str, shrink: l
             line += f" --node-ip-address 127.0.0.1 --temp-dir {temp_dir} --disable-usage-stats"
             line += "".join(f" --{name} {port}" for name, port in ports.items() if name not in ("gcs", "dashboard", "client"))
         if line.startswith("ray job submit"):
-            line += "".join(f" --set {shlex.quote(s)}" for s in shrink) + " 2>&1 | tee -a submitted.log"
-        line = line.replace("<submission id>", "\"$(grep -o 'raysubmit_[A-Za-z0-9]*' submitted.log | tail -1)\"")
+            line += "".join(f" --set {shlex.quote(s)}" for s in shrink) + f" 2>&1 | tee -a {shlex.quote(log)}"
+        line = line.replace("<submission id>", f"\"$(grep -o 'raysubmit_[A-Za-z0-9]*' {shlex.quote(log)} | tail -1)\"")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -319,7 +320,8 @@ def _run_job_submit_block(copy: Path, env: dict) -> None:
     names = ["gcs", "dashboard", "client", "node-manager-port", "object-manager-port", "metrics-export-port",
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"]
     cluster = RayCluster(env)  # only for its temp folder and `stop`, which ends the processes that name it
-    script = job_submit_script(code, dict(zip(names, _free_ports(len(names)))), cluster.temp_dir, TUNE_SHRINK)
+    script = job_submit_script(code, dict(zip(names, _free_ports(len(names)))), cluster.temp_dir, TUNE_SHRINK,
+                               log=str(copy.parent / "submitted.log"))
     started = time.monotonic()
     try:
         done = subprocess.run(["bash", "-c", script], cwd=copy, env={**env, "VIRTUAL_ENV": ""}, capture_output=True, text=True,
