@@ -304,3 +304,21 @@ def test_a_job_missing_a_required_section_is_one_problem_not_a_crash():
     with pytest.raises(ConfigError) as raised:
         validate_config({"name": "x", "models": {"student": {"preset": "tiny-student"}}, "seed": 0})
     assert [p.field for p in raised.value.problems] == ["data"]
+
+
+def test_paths_from_resolves_relative_paths_against_another_directory(tmp_path, monkeypatch):
+    """What a `ray job submit` entrypoint needs: it runs in Ray's upload of the working directory,
+    and `--paths-from $PWD` points the config's data, models and outputs back at the checkout."""
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    shown = CliRunner().invoke(main, ["config", "show", str(CONFIGS / "tiny_cascade.yaml"), "--paths-from", str(CONFIGS.parent)])
+    assert shown.exit_code == 0, shown.output
+    resolved = yaml.safe_load(shown.output)
+    assert resolved["models"]["teacher"]["path"] == str(CONFIGS.parent / "models" / "tiny" / "teacher")
+    assert resolved["data"]["benchmark_root"] == str(CONFIGS.parent / "data" / "kvqa")
+    assert resolved["storage"]["root"] == str(CONFIGS.parent / "runs")
+    here = yaml.safe_load(CliRunner().invoke(main, ["config", "show", str(CONFIGS / "tiny_cascade.yaml")]).output)
+    assert here["storage"]["root"] == str(tmp_path / "runs")

@@ -103,12 +103,10 @@ CHECKS: dict[str, Run | Elsewhere | PythonBlock | InBlock] = {
     "export RAY_AUTH_MODE=token": InBlock(JOB_SUBMIT_SECTION),
     "ray start --head --num-cpus 8 --dashboard-host 127.0.0.1": InBlock(JOB_SUBMIT_SECTION),
     ("ray job submit --address http://127.0.0.1:8265 --working-dir .  --runtime-env jobs/runtime_env.yaml --  python "
-     "jobs/cascade_job.py configs/tiny_cascade.yaml --set name=tiny-cascade-job  --set data.benchmark_root=$PWD/data/kvqa "
-     "--set storage.root=$PWD/runs"): InBlock(JOB_SUBMIT_SECTION),
+     "jobs/cascade_job.py configs/tiny_cascade.yaml --paths-from $PWD --set name=tiny-cascade-job"): InBlock(JOB_SUBMIT_SECTION),
     "ray job logs --address http://127.0.0.1:8265 <submission id>": InBlock(JOB_SUBMIT_SECTION),
     ("ray job submit --address http://127.0.0.1:8265 --working-dir .  --runtime-env jobs/runtime_env.yaml --  python "
-     "jobs/tune_job.py configs/tiny_tune.yaml --set name=tiny-tune-job  --set data.benchmark_root=$PWD/data/kvqa "
-     "--set storage.root=$PWD/runs"): InBlock(JOB_SUBMIT_SECTION),
+     "jobs/tune_job.py configs/tiny_tune.yaml --paths-from $PWD --set name=tiny-tune-job"): InBlock(JOB_SUBMIT_SECTION),
     "ray stop": InBlock(JOB_SUBMIT_SECTION),
     # On a GPU cluster
     "pip install torch --index-url https://download.pytorch.org/whl/cu124": Elsewhere(

@@ -114,7 +114,9 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
     return int(part)
 
 
-def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ()) -> JobConfig:
+def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = (), base: str | Path | None = None) -> JobConfig:
+    """The files merged in order, then the `--set` overrides, validated; relative paths resolve
+    against `base` (default: the current directory)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     raw: dict = {}
@@ -122,12 +124,13 @@ def load_config(paths: list[str | Path] | str | Path, overrides: list[str] = ())
         raw = deep_merge(raw, read_yaml(path))
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate_config(raw, source=", ".join(str(p) for p in paths) or "config")
+    return validate_config(raw, source=", ".join(str(p) for p in paths) or "config", base=base)
 
 
-def validate_config(raw: dict, source: str = "config") -> JobConfig:
+def validate_config(raw: dict, source: str = "config", base: str | Path | None = None) -> JobConfig:
     """Validates each top-level section on its own (so one bad section does not hide another's
-    problems), then checks the sections against each other."""
+    problems), then checks the sections against each other; relative paths resolve against
+    `base` (default: the current directory)."""
     from ckd_ray.config.checks import check_consistency
 
     if not isinstance(raw, dict):
@@ -155,7 +158,7 @@ def validate_config(raw: dict, source: str = "config") -> JobConfig:
             raise ConfigError(_problems_from(exc), source) from None
         problems += check_consistency(config)
         if not problems:
-            return resolve_paths(config, Path.cwd())
+            return resolve_paths(config, Path(base).resolve() if base else Path.cwd())
     else:
         # Cross-section checks still run on the sections that did validate.
         partial = JobConfig.model_construct(**{**_defaults(), **sections})
