@@ -422,3 +422,14 @@ def test_teachers_prepared_once_are_reused_by_a_later_job_with_the_same_recipe(r
     assert manifest["roles"]["teacher"] == teacher_uri and step["metrics"]["step"] == 2
     assert step["teacher_pass"]["source"] == "teacher pool" and step["teacher_pass"]["samples"] > 0
     assert all(math.isfinite(entry["loss"]) for entry in step["history"]) and math.isfinite(step["metrics"]["val_loss"])
+
+    # `ckd-ray eval` reads the run's manifest as the run wrote it: with the prepared teacher's folder.
+    from click.testing import CliRunner
+
+    from ckd_ray.cli import main
+
+    config = tmp_path / "second.yaml"
+    config.write_text(yaml.safe_dump(again))
+    scored = CliRunner().invoke(main, ["eval", str(config), "--model", "teacher"])
+    assert scored.exit_code == 0, scored.output
+    assert "teacher prepared by an earlier run" in scored.output and "scores: " in scored.output
