@@ -311,7 +311,13 @@ def job_submit_script(code: str, ports: dict[str, int], temp_dir: str, shrink: l
 
 
 def _run_job_submit_block(copy: Path, env: dict) -> None:
-    from conftest import RayCluster, _free_ports
+    import importlib.util
+
+    # tests/conftest.py by its path: in a full session `conftest` may name tests/reliability/conftest.py.
+    spec = importlib.util.spec_from_file_location("ckd_ray_tests_conftest", REPO / "tests" / "conftest.py")
+    shared = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shared)
+    RayCluster, _free_ports = shared.RayCluster, shared._free_ports
 
     code = next(code for section, language, code in readme_blocks((REPO / "README.md").read_text())
                 if section == JOB_SUBMIT_SECTION and language == "bash")
