@@ -131,10 +131,11 @@ def copy_teacher_scores(job: JobConfig, prepared) -> None:
         manifest.save()
 
 
-def job_as_run(job: JobConfig, log=print) -> JobConfig:
+def job_as_run(job: JobConfig, log=print, copy_scores: bool = False) -> JobConfig:
     """The job as `run_cascade` runs it (and so as its manifest identifies it): with
-    `share_prepared_teachers`, its teacher roles replaced by their prepared checkpoints."""
+    `share_prepared_teachers`, its teacher roles replaced by their prepared checkpoints (prepared
+    now if no earlier run did; Ray must be connected then)."""
     from ckd_ray.cascade.plan import teacher_roles_to_prepare
 
     shared = teacher_roles_to_prepare(job) if job.cascade.share_prepared_teachers else []
-    return with_prepared_teachers(job, shared, log=log, copy_scores=False) if shared else job
+    return with_prepared_teachers(job, shared, log=log, copy_scores=copy_scores) if shared else job

@@ -19,7 +19,7 @@ from ckd_ray import storage
 from ckd_ray.cascade.config import CONTROL_ROLE
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
-from ckd_ray.cascade.plan import PlannedStep, build_plan, teacher_roles_to_prepare
+from ckd_ray.cascade.plan import PlannedStep, build_plan
 from ckd_ray.cascade.steps import TeacherPasses, prepare_segment, split_segments
 from ckd_ray.config.job import JobConfig, RayConfig
 from ckd_ray.evaluate import evaluate_models, knowledge_preservation
@@ -111,12 +111,11 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     start = time.perf_counter()
     raise_storage_problems(job)
     check_model_folders(job)
-    shared = teacher_roles_to_prepare(job) if job.cascade.share_prepared_teachers else []
-    if shared:  # prepared in their own run (or found there), then this job starts from them
-        from ckd_ray.cascade.prepared import with_prepared_teachers
+    if job.cascade.share_prepared_teachers:  # prepared in their own runs (or found there), then this job starts from them
+        from ckd_ray.cascade.prepared import job_as_run
 
         connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
-        job = with_prepared_teachers(job, shared, log=log)
+        job = job_as_run(job, log=log, copy_scores=True)
     run_uri = job.run_uri
     data = StepData(job, run_uri)
     data.evaluation_sets()  # an evaluation that selects nothing is refused now, not after the training

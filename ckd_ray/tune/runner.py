@@ -98,11 +98,9 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     check_model_folders(job)
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
-    shared = teacher_roles_to_prepare(job) if job.cascade.share_prepared_teachers else []
-    if shared:  # the cascade's shared preparation run: a quickstart with the same recipe already made them
-        from ckd_ray.cascade.prepared import with_prepared_teachers
+    from ckd_ray.cascade.prepared import job_as_run
 
-        job = with_prepared_teachers(job, shared, log=log, copy_scores=False)
+    job = job_as_run(job, log=log)  # the cascade's shared preparation runs: a quickstart with the same recipe made them
     tune_uri = storage.join(job.run_uri, "tune")
     manifest = Manifest.open(tune_uri, job)
     data = StepData(job, tune_uri)
