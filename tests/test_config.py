@@ -69,7 +69,7 @@ def test_the_experiment_budget_rule_gives_every_row_the_same_student_steps():
         job = validate_config(_run_config(base, experiment, run, 0, teachers))
         budgets = [step_budget(job, step)[0] for stage in job.cascade.resolved_stages() if stage.learner == "student"
                    for step in stage.steps]
-        assert sum(budgets) == experiment.student_steps == 240, run.name
+        assert sum(budgets) == experiment.student_steps == 480, run.name
     experiment.student_steps = 100  # 100 does not split over 3 or 6 student steps
     with pytest.raises(ConfigError, match="student_steps.*llava-kd.*multiple"):
         _run_config(base, experiment, experiment.runs[1], 0, teachers)
