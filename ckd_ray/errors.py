@@ -1,6 +1,32 @@
-"""Errors as a person reads them: the innermost cause, on one line."""
+"""The project's error types (a config problem: field, what is wrong, how to fix it) and errors as a
+person reads them: the innermost cause, on one line. The ground floor: it imports nothing of the
+project, so every layer can raise these."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: the dotted field, what is wrong, and how to fix it."""
+
+    field: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" + (f" -> fix: {self.fix}" if self.fix else "")
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, raised once."""
+
+    def __init__(self, problems: list[Problem], source: str = "config"):
+        self.problems = problems
+        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {source}:"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
 
 
 def describe_error(err: BaseException) -> str:

@@ -15,7 +15,8 @@ import pytest
 from ckd_ray import storage
 from ckd_ray.data.config import DataConfig, SourceConfig
 from ckd_ray.data.llava_json import iter_json_records
-from ckd_ray.data.llava_parquet import record_to_row, row_to_record, write_llava_parquet
+from ckd_ray.data.llava_parquet import record_to_row, row_to_record
+from ckd_ray.data.parquet_export import write_llava_parquet
 from ckd_ray.data.pipeline import PROGRESSIVE_CURRICULUM, iter_plain_batches, plan_pass
 from ckd_ray.data.processor import Processor
 from ckd_ray.data.rejects import TooManyRejectsError

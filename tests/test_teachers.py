@@ -136,7 +136,7 @@ def test_signal_cache_hit_starts_no_teacher_and_changed_spec_misses(ray_local, k
     from ckd_ray.cascade.datasets import StepData
     from ckd_ray.cascade.plan import build_plan
     from ckd_ray.cascade.signal import attach_teacher_signal
-    from ckd_ray.cascade.runner import _initial_checkpoints
+    from ckd_ray.cascade.runner import initial_checkpoints
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.config import validate_config
 
@@ -154,7 +154,7 @@ def test_signal_cache_hit_starts_no_teacher_and_changed_spec_misses(ray_local, k
     job = job_with(8)
     manifest = Manifest.open(job.run_uri, job)
     data = StepData(job, job.run_uri)
-    _initial_checkpoints(job, manifest, data.processor_uri, job.run_uri, log=lambda _: None)
+    initial_checkpoints(job, manifest, data.processor_uri, job.run_uri, log=lambda _: None)
     (planned,) = build_plan(job)
 
     def attach(j):
@@ -197,7 +197,7 @@ def test_a_pass_running_beside_training_is_waited_for_and_its_failure_reaches_th
     from ckd_ray.cascade.signal import DeferredPass, export_ready
     from ckd_ray.cascade.steps import TeacherPasses
     from ckd_ray.teachers.cache import SignalCache, TeacherPassFailed
-    from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
+    from ckd_ray.train.plan import STEP_SUMMARY_FILE
 
     # Order is compared as training sees it: Ray Train's ingest preserves block order.
     monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)

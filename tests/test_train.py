@@ -14,7 +14,7 @@ import ray
 import ray.cloudpickle
 from safetensors.torch import load_file
 
-from ckd_ray.cascade.config import STEP_FREEZE, StageConfig, StepConfig
+from ckd_ray.config.cascade import STEP_FREEZE, StageConfig, StepConfig
 from ckd_ray.config.loader import validate_config
 from ckd_ray.models import FREEZE_POLICIES, build_preset, save_model
 from ckd_ray.cascade.steps import default_signal_decoder, plan_step, run_step, samples_needed

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckd_ray.cascade.config import StageConfig, StepConfig
+from ckd_ray.config.cascade import StageConfig, StepConfig
 from ckd_ray.config.loader import validate_config
 from ckd_ray.train.batch import student_batch
 from ckd_ray.train.checkpoint import TrainState, read_state

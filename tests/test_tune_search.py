@@ -11,7 +11,7 @@ import pytest
 from ckd_ray import storage
 from ckd_ray.config import load_config, validate_config
 from ckd_ray.cascade.datasets import StepData
-from ckd_ray.cascade.runner import _initial_checkpoints
+from ckd_ray.cascade.runner import initial_checkpoints
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.tune.report import RESULTS_CSV
 from ckd_ray.tune.runner import _search, run_tune
@@ -101,7 +101,7 @@ def test_a_failing_trial_is_reported_and_the_search_goes_on(ray_local, kvqa_dir,
     tune_uri = storage.join(job.run_uri, "tune")
     data = StepData(job, tune_uri)
     manifest = Manifest.open(tune_uri, job)
-    _initial_checkpoints(job, manifest, data.processor_uri, tune_uri, print)
+    initial_checkpoints(job, manifest, data.processor_uri, tune_uri, print)
     roles = {**manifest.roles, "student": str(tmp_path / "missing-student")}
     lines = []
     outcome = _search(job, plan_searches(job)[0], roles, data, tune_uri, lines.append)

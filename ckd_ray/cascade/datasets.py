@@ -329,7 +329,7 @@ class StepData:
         rows for generation (read once per job), each with the benchmark's baseline answers where
         it has them; rows of `evaluation.sources` carry their set's name (`eval_set`) and what
         its scorer needs beyond `answer` (`pope_strategy`, VQAv2's `answers`)."""
-        from ckd_ray.config.loader import ConfigError, Problem
+        from ckd_ray.errors import ConfigError, Problem
         from ckd_ray.data.baselines import load_sample_baselines
         from ckd_ray.data.pipeline import build_student_dataset
 

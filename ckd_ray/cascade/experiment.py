@@ -23,9 +23,10 @@ from typing import Literal
 from pydantic import Field, PrivateAttr
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import PLAN_NAMES
-from ckd_ray.config.base import Section
-from ckd_ray.config.loader import ConfigError, Problem, deep_merge, read_yaml, validate_config
+from ckd_ray.config.cascade import PLAN_NAMES
+from ckd_ray.section import Section
+from ckd_ray.config.loader import deep_merge, read_yaml, validate_config
+from ckd_ray.errors import ConfigError, Problem
 from ckd_ray.evaluate.scoring import baseline_scores, headline
 from ckd_ray.evaluate.stats import Difference, mean_spread, paired_bootstrap
 
@@ -85,14 +86,14 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Experi
     the run's own overrides: `--set trainer.max_steps=2` shrinks every row."""
     from pydantic import ValidationError
 
-    from ckd_ray.config.loader import _problems_from
+    from ckd_ray.config.loader import problems_from
 
     path = Path(path)
     raw = read_yaml(path)
     try:
         experiment = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_problems_from(exc), str(path)) from None
+        raise ConfigError(problems_from(exc), str(path)) from None
     base = deep_merge(read_yaml(path.parent / experiment.base), experiment.overrides)
     if overrides:
         _apply(deep_merge(base, {}), overrides)  # a bad --set is named once, before the rows
@@ -112,7 +113,7 @@ def _apply(raw: dict, overrides: list[str]) -> dict:
 
 def student_step_count(plan: str) -> int:
     """Training steps (PT, DPT, ...) in which a plan's student learns."""
-    from ckd_ray.cascade.config import plan_stages
+    from ckd_ray.config.cascade import plan_stages
 
     return sum(len(stage.steps) for stage in plan_stages(plan) if stage.learner == "student")
 
@@ -189,7 +190,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     times = {"ray_start": time.perf_counter() - clock}
     log(f"[experiment] the TA and the teacher, prepared once for seeds {experiment.seeds} (reused when an earlier run prepared them)")
     clock = time.perf_counter()
-    prepared = prepare_once(raw, ("ta", "teacher"), log)
+    prepared = prepare_once(raw, ("ta", "teacher"), log, run=run_cascade)
     recorded = [_recorded_seconds(done.manifest) for done in prepared.values()]
     times["teachers"] = {"wall": time.perf_counter() - clock, **{key: sum(r[key] for r in recorded) for key in recorded[0]}}
     teachers = {role: done.model_uri for role, done in prepared.items()}

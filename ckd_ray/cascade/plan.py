@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckd_ray.cascade.config import CAPTION_STEPS, DISTILLATION_STEPS, StageConfig, StepConfig, effective_loss
+from ckd_ray.config.cascade import CAPTION_STEPS, DISTILLATION_STEPS, StageConfig, StepConfig, effective_loss
 from ckd_ray.config.job import JobConfig
 from ckd_ray.losses.config import LossConfig
 

@@ -7,12 +7,16 @@ run finished and starts from its checkpoint instead of training the role again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckd_ray import storage
 from ckd_ray.cascade.manifest import Manifest, ManifestMismatchError, config_hash
 from ckd_ray.config.job import JobConfig
 from ckd_ray.config.loader import validate_config
+
+# Runs a job's plan (`ckd_ray.cascade.runner.run_cascade`, given by the caller).
+RunJob = Callable[..., object]
 
 # Sections a preparation run does not read: changing them (a student's loss, the signal, the
 # student's own step budget) keeps the digest, so the prepared teachers are reused.
@@ -40,7 +44,7 @@ def preparation_config(raw: dict, role: str, seed: int | None = None) -> dict:
     """The run that prepares `role` of the job `raw` (its `cascade.role_prep_steps` or
     `teacher_prep_steps`, no teacher), named `prepared-<role>-<digest of that run's config>`. The
     run holds only the student and that role, so another role's model does not enter the digest."""
-    from ckd_ray.cascade.config import CascadeConfig
+    from ckd_ray.config.cascade import CascadeConfig
 
     raw = {key: value for key, value in raw.items() if key not in _NOT_READ_BY_PREPARATION}
     if seed is not None:
@@ -73,11 +77,12 @@ def _by_content(raw: dict) -> dict:
     return {**raw, "models": models}
 
 
-def prepare_once(raw: dict, roles, log=print, seed: int | None = None) -> dict[str, Prepared]:
+def prepare_once(raw: dict, roles, log=print, seed: int | None = None, *, run: RunJob) -> dict[str, Prepared]:
     """Each of `roles` of the job `raw` prepared by its own run (`preparation_config`), or found
-    finished by an earlier command (a run's manifest skips every done step)."""
+    finished by an earlier command (a run's manifest skips every done step). `run` runs a
+    preparation that is not finished (`ckd_ray.cascade.runner.run_cascade`: the runner sits above
+    this module, which it calls to find its teachers)."""
     from ckd_ray.cascade.plan import build_plan
-    from ckd_ray.cascade.runner import run_cascade
 
     prepared = {}
     for role in roles:
@@ -91,18 +96,18 @@ def prepare_once(raw: dict, roles, log=print, seed: int | None = None) -> dict[s
             log(f"[cascade] {role} prepared by an earlier run: {prep.run_uri}")
         else:
             log(f"[cascade] preparing {role} once, for this and later runs: {prep.run_uri}")
-            run_cascade(prep, log=log)
+            run(prep, log=log)
             manifest = Manifest.open(prep.run_uri, prep)
         prepared[role] = Prepared(role, prep, manifest)
     return prepared
 
 
-def with_prepared_teachers(job: JobConfig, roles: list[str], log=print, copy_scores: bool = True) -> JobConfig:
+def with_prepared_teachers(job: JobConfig, roles: list[str], log=print, copy_scores: bool = True, *, run: RunJob) -> JobConfig:
     """`job` with each of `roles` replaced by its checkpoint from its shared preparation run (and
     no preparation of its own). With `copy_scores` the prepared teachers' scores are copied into
     the job's manifest (`copy_teacher_scores`), so its report shows them beside the students."""
     raw = job.model_dump(mode="json", exclude_defaults=True)
-    prepared = prepare_once(raw, roles, log)
+    prepared = prepare_once(raw, roles, log, run=run)
     models = dict(raw.get("models", {}))
     for role, done in prepared.items():
         spec = job.models[role].model_dump(mode="json", exclude_defaults=True, exclude={"preset", "path", "prepare"})
@@ -131,11 +136,11 @@ def copy_teacher_scores(job: JobConfig, prepared) -> None:
         manifest.save()
 
 
-def job_as_run(job: JobConfig, log=print, copy_scores: bool = False) -> JobConfig:
+def job_as_run(job: JobConfig, log=print, copy_scores: bool = False, *, run: RunJob) -> JobConfig:
     """The job as `run_cascade` runs it (and so as its manifest identifies it): with
     `share_prepared_teachers`, its teacher roles replaced by their prepared checkpoints (prepared
     now if no earlier run did; Ray must be connected then)."""
     from ckd_ray.cascade.plan import teacher_roles_to_prepare
 
     shared = teacher_roles_to_prepare(job) if job.cascade.share_prepared_teachers else []
-    return with_prepared_teachers(job, shared, log=log, copy_scores=copy_scores) if shared else job
+    return with_prepared_teachers(job, shared, log=log, copy_scores=copy_scores, run=run) if shared else job

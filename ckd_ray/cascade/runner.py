@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import CONTROL_ROLE
+from ckd_ray.config.cascade import CONTROL_ROLE
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
@@ -74,7 +74,7 @@ def check_model_folders(job: JobConfig) -> None:
     learn from the roles it meets: checked from the folders' small files before Ray starts, so a
     pair that cannot be distilled fails in seconds, not after a teacher pool has loaded."""
     from ckd_ray.config.checks import model_folder_problems
-    from ckd_ray.config.loader import ConfigError
+    from ckd_ray.errors import ConfigError
 
     problems = model_folder_problems(job, at_start=True)
     if problems:
@@ -85,7 +85,7 @@ def raise_storage_problems(job: JobConfig) -> None:
     """ConfigError, before Ray starts, if the job's data or models are missing or its S3 buckets
     do not answer (see `ckd_ray.config.checks.check_storage`)."""
     from ckd_ray.config.checks import check_storage
-    from ckd_ray.config.loader import ConfigError
+    from ckd_ray.errors import ConfigError
 
     problems = check_storage(job)
     if problems:
@@ -115,7 +115,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
         from ckd_ray.cascade.prepared import job_as_run
 
         connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
-        job = job_as_run(job, log=log, copy_scores=True)
+        job = job_as_run(job, log=log, copy_scores=True, run=run_cascade)
     run_uri = job.run_uri
     data = StepData(job, run_uri)
     data.evaluation_sets()  # an evaluation that selects nothing is refused now, not after the training
@@ -126,7 +126,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     plan = build_plan(job)
     metrics = CascadeMetrics(job.name)
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
-    _initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {t for p in plan for t in p.teachers} | {"student"})
+    initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {t for p in plan for t in p.teachers} | {"student"})
     histories: dict[str, list[dict]] = {}
     trained_now: list[str] = []  # the steps this command trains (a resumed run skips the others)
     # One worker group for the whole plan when passes can wait for their teacher beside it (the
@@ -286,7 +286,7 @@ def _last_of_stage(plan: list[PlannedStep], planned: PlannedStep) -> bool:
     return not following or following[0].stage is not planned.stage
 
 
-def _initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str, run_uri: str, log, roles=None) -> None:
+def initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str, run_uri: str, log, roles=None) -> None:
     """Every role the plan uses starts from a model directory: presets are built (seeded) and
     saved into the run folder once; given paths are used as they are."""
     from ckd_ray.models import build_preset, save_model

@@ -138,7 +138,7 @@ class DeferredPass:
 def export_ready(export_uri: str) -> Callable[[], bool]:
     """Whether the model a worker group is training has been exported: its step summary is
     written after every other file of the export (`ckd_ray.train.loop.Reporter`)."""
-    from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
+    from ckd_ray.train.plan import STEP_SUMMARY_FILE
 
     return partial(storage.exists, storage.join(export_uri, STEP_SUMMARY_FILE))
 

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import CONTROL_ROLE, DISTILLATION_STEPS, STEP_FREEZE, StageConfig, StepConfig, effective_loss
+from ckd_ray.config.cascade import CONTROL_ROLE, DISTILLATION_STEPS, STEP_FREEZE, StageConfig, StepConfig, effective_loss
 from ckd_ray.config.job import JobConfig
 from ckd_ray.models.presets import PRESETS
-from ckd_ray.train.engine import OptimizerPlan, warmup_steps_for
-from ckd_ray.train.loop import SignalDecoder, StepPlan
+from ckd_ray.train.plan import OptimizerPlan, SignalDecoder, StepPlan, warmup_steps_for
 from ckd_ray.train.run import StepResult, TrainStep, run_steps
 
 EXPORT_FOLDER = "model"

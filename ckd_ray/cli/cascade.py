@@ -39,7 +39,7 @@ def evaluate(config_paths, overrides, models) -> None:
     from ckd_ray.cascade.datasets import StepData
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.prepared import job_as_run
-    from ckd_ray.cascade.runner import connect_ray
+    from ckd_ray.cascade.runner import connect_ray, run_cascade
     from ckd_ray.config import ConfigError
     from ckd_ray.evaluate import evaluate_models
     from ckd_ray.evaluate.scoring import baseline_scores
@@ -53,7 +53,7 @@ def evaluate(config_paths, overrides, models) -> None:
         click.echo(str(exc), err=True)
         sys.exit(2)
     connect_ray(job.ray)
-    job = job_as_run(job, log=click.echo)  # the run's manifest names the prepared teachers' folders
+    job = job_as_run(job, log=click.echo, run=run_cascade)  # the run's manifest names the prepared teachers' folders
     roles = Manifest.open(job.run_uri, job).roles
     targets = {m: roles.get(m, m) for m in models} if models else dict(roles)
     if not targets:

@@ -35,7 +35,7 @@ def build_kvqa_command(out_dir: str, seed: int, coverage: float, as_json: bool) 
 @click.option("--rows-per-group", default=1024, show_default=True, help="Rows per Parquet row group (the unit one read task reads).")
 def to_parquet_command(json_uri: str, image_root: str, out_uri: str, rows_per_group: int) -> None:
     """Convert a LLaVA JSON/JSONL file and its images (folder or .zip) into Parquet with inline image bytes."""
-    from ckd_ray.data.llava_parquet import write_llava_parquet
+    from ckd_ray.data.parquet_export import write_llava_parquet
 
     try:
         export = write_llava_parquet(json_uri, image_root, out_uri, rows_per_group=rows_per_group)

@@ -1,6 +1,6 @@
 """One typed config tree (`JobConfig`), loaded from YAML with `--set` overrides and validated up front.
 
-Component sections import `ckd_ray.config.base` only; the root tree is imported lazily here so
+Component sections import `ckd_ray.section` only; the root tree is imported lazily here so
 that components never import each other through this package.
 """
 
@@ -8,8 +8,8 @@ _EXPORTS = {
     "JobConfig": "ckd_ray.config.job",
     "RayConfig": "ckd_ray.config.job",
     "StorageConfig": "ckd_ray.config.job",
-    "ConfigError": "ckd_ray.config.loader",
-    "Problem": "ckd_ray.config.loader",
+    "ConfigError": "ckd_ray.errors",
+    "Problem": "ckd_ray.errors",
     "apply_override": "ckd_ray.config.loader",
     "load_config": "ckd_ray.config.loader",
     "read_yaml": "ckd_ray.config.loader",

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import DISTILLATION_STEPS, effective_loss
+from ckd_ray.config.cascade import DISTILLATION_STEPS, effective_loss
 from ckd_ray.config.job import JobConfig
-from ckd_ray.config.loader import Problem
+from ckd_ray.errors import Problem
 from ckd_ray.losses.config import GREEK_ALIASES, LOSS_TERMS
 from ckd_ray.models.presets import PRESETS, approx_text_parameters
 
@@ -46,7 +46,7 @@ def check_consistency(config: JobConfig, valid_sections: set[str] | None = None)
 
 def _check_control(config: JobConfig) -> list[Problem]:
     """`cascade.student_alone` mirrors the student's steps: there must be some, on one set of hop levels."""
-    from ckd_ray.cascade.config import CONTROL_ROLE
+    from ckd_ray.config.cascade import CONTROL_ROLE
 
     if not config.cascade.student_alone:
         return []
@@ -177,14 +177,14 @@ def _check_signal(config: JobConfig) -> list[Problem]:
             loss = effective_loss(config.loss, stage, step)
             where = f"{at}.steps.{j}" if step.loss else (f"{at}.loss" if stage.loss else "loss")
             for term in loss.weights.active():
-                message = _missing_signal(term, loss, signal)
+                message = missing_signal(term, loss, signal)
                 if message and (where, term) not in seen:
                     seen.add((where, term))
                     problems.append(Problem(f"{where}.weights.{term}", message[0], message[1]))
     return problems
 
 
-def _missing_signal(term: str, loss, signal) -> tuple[str, str] | None:
+def missing_signal(term: str, loss, signal) -> tuple[str, str] | None:
     off = "or set the weight to 0"
     if term == "output" and signal.response_top_k == 0:
         return "> 0 but signal.response_top_k is 0", f"set signal.response_top_k (e.g. 64), {off}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from ckd_ray import storage
-from ckd_ray.cascade.config import CascadeConfig
-from ckd_ray.config.base import Section
+from ckd_ray.config.cascade import CascadeConfig
+from ckd_ray.section import Section
 from ckd_ray.data.config import DataConfig
 from ckd_ray.evaluate.config import EvaluationConfig
 from ckd_ray.losses.config import LossConfig
@@ -14,7 +14,7 @@ from ckd_ray.models.config import ModelSpec
 from ckd_ray.observability.config import ObservabilityConfig
 from ckd_ray.teachers.config import SignalSpec, TeacherPoolConfig
 from ckd_ray.train.config import TrainerConfig
-from ckd_ray.tune.config import TuneConfig
+from ckd_ray.config.tune import TuneConfig
 
 
 def _check_uri(value: str | None) -> str | None:

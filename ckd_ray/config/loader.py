@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,28 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from ckd_ray import storage
 from ckd_ray.config.job import JobConfig
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a config: the dotted field, what is wrong, and how to fix it."""
-
-    field: str
-    message: str
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}" + (f" -> fix: {self.fix}" if self.fix else "")
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, raised once."""
-
-    def __init__(self, problems: list[Problem], source: str = "config"):
-        self.problems = problems
-        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in {source}:"]
-        lines += [f"  - {p}" for p in problems]
-        super().__init__("\n".join(lines))
+from ckd_ray.errors import ConfigError, Problem  # noqa: F401 (the config API names them here too)
 
 
 def read_yaml(path: str | Path, _extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -150,12 +128,12 @@ def validate_config(raw: dict, source: str = "config", base: str | Path | None =
             # Each section is validated on its own, so every section's problems are found.
             sections[name] = _section_adapter(name).validate_python(raw[name])
         except ValidationError as exc:
-            problems += _problems_from(exc, prefix=(name,))
+            problems += problems_from(exc, prefix=(name,))
     if not problems:
         try:  # the model's own validators, e.g. `seed: true` refused as a number
             config = JobConfig.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(_problems_from(exc), source) from None
+            raise ConfigError(problems_from(exc), source) from None
         problems += check_consistency(config)
         if not problems:
             return resolve_paths(config, Path(base).resolve() if base else Path.cwd())
@@ -178,7 +156,7 @@ def _defaults() -> dict[str, Any]:
     return {name: field.get_default(call_default_factory=True) for name, field in JobConfig.model_fields.items() if not field.is_required()}
 
 
-def _problems_from(exc: ValidationError, prefix: tuple = ()) -> list[Problem]:
+def problems_from(exc: ValidationError, prefix: tuple = ()) -> list[Problem]:
     problems = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])

@@ -12,15 +12,18 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ckd_ray import storage
-from ckd_ray.config.job import JobConfig
-from ckd_ray.config.loader import ConfigError, Problem
 from ckd_ray.data.config import SourceConfig
 from ckd_ray.data.eval_sets import RECORD_FIELDS, EvaluationSetError, read_pope, read_scienceqa, read_vqav2
 from ckd_ray.data.llava_json import iter_json_records
 from ckd_ray.data.sources import SPLIT_CODES, SourceCatalog, catalog_source
+from ckd_ray.errors import ConfigError, Problem
 from ckd_ray.evaluate.config import EvaluationSourceConfig
+
+if TYPE_CHECKING:  # the job's shape only: the config tree sits above this package
+    from ckd_ray.config.job import JobConfig
 
 
 @dataclass(frozen=True)

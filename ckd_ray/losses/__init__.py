@@ -4,51 +4,45 @@ Several teachers fused per token: ``ckd_ray.losses.fusion``, through ``FusedTeac
 One function per term (``task_loss``, ``kl_loss_topk`` / ``kl_loss_sparse`` / ``kl_loss_dense`` for ``output`` and
 ``visual_kl``, ``visual_relation_loss``, ``feature_loss``, ``knowledge_loss``,
 ``attention_loss``) and ``distillation_loss``, which weighs them and reports each one.
-"""
 
-from ckd_ray.losses.attention import attention_loss, gather_visual_keys
-from ckd_ray.losses.composite import (
-    FUSION_PREFIX,
-    TERM_NAMES,
-    FusedTeacherSignal,
-    NonFiniteLossError,
-    SparseLogits,
-    StudentOutputs,
-    TeacherSignalBatch,
-    TopKLogits,
-    distillation_loss,
-)
-from ckd_ray.losses.feature import FeatureProjection, feature_loss
-from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KL_DIRECTIONS, KLDirection, cut_vocab, kl_loss_dense, kl_loss_sparse, kl_loss_topk
-from ckd_ray.losses.knowledge import fact_log_probs, knowledge_loss, soften_fact_log_probs
-from ckd_ray.losses.relation import visual_relation_loss
-from ckd_ray.losses.task import IGNORE_INDEX, task_loss
+The names below load on first use: a section of the config tree (`ckd_ray.losses.config`) is
+imported without torch, so the planner and every config check run without it."""
 
-__all__ = [
-    "DEFAULT_CHUNK_SIZE",
-    "IGNORE_INDEX",
-    "KL_DIRECTIONS",
-    "FUSION_PREFIX",
-    "TERM_NAMES",
-    "FeatureProjection",
-    "FusedTeacherSignal",
-    "KLDirection",
-    "NonFiniteLossError",
-    "SparseLogits",
-    "StudentOutputs",
-    "TeacherSignalBatch",
-    "TopKLogits",
-    "attention_loss",
-    "cut_vocab",
-    "distillation_loss",
-    "fact_log_probs",
-    "feature_loss",
-    "gather_visual_keys",
-    "kl_loss_dense",
-    "kl_loss_sparse",
-    "kl_loss_topk",
-    "knowledge_loss",
-    "soften_fact_log_probs",
-    "task_loss",
-    "visual_relation_loss",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "DEFAULT_CHUNK_SIZE": "kl",
+    "FUSION_PREFIX": "composite",
+    "FeatureProjection": "feature",
+    "FusedTeacherSignal": "composite",
+    "IGNORE_INDEX": "task",
+    "KLDirection": "kl",
+    "KL_DIRECTIONS": "kl",
+    "NonFiniteLossError": "composite",
+    "SparseLogits": "logits",
+    "StudentOutputs": "composite",
+    "TERM_NAMES": "composite",
+    "TeacherSignalBatch": "composite",
+    "TopKLogits": "logits",
+    "attention_loss": "attention",
+    "cut_vocab": "kl",
+    "distillation_loss": "composite",
+    "fact_log_probs": "knowledge",
+    "feature_loss": "feature",
+    "gather_visual_keys": "attention",
+    "kl_loss_dense": "kl",
+    "kl_loss_sparse": "kl",
+    "kl_loss_topk": "kl",
+    "knowledge_loss": "knowledge",
+    "soften_fact_log_probs": "knowledge",
+    "task_loss": "task",
+    "visual_relation_loss": "relation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

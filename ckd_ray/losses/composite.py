@@ -28,6 +28,7 @@ from ckd_ray.losses.feature import FeatureProjection, feature_loss
 from ckd_ray.losses.fusion import fused_kl_loss
 from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KLDirection, kl_loss_sparse, kl_loss_topk
 from ckd_ray.losses.knowledge import fact_log_probs, knowledge_loss, soften_fact_log_probs
+from ckd_ray.losses.logits import SparseLogits, TopKLogits
 from ckd_ray.losses.relation import visual_relation_loss
 from ckd_ray.losses.task import task_loss
 from ckd_ray.losses.terms import TERM_NAMES
@@ -53,41 +54,6 @@ class StudentOutputs:
     logits_BLV: torch.Tensor
     hidden_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None
     attentions: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None
-
-
-@dataclass
-class TopKLogits:
-    """The teacher's compressed logits on a set of positions (crosses the object store).
-
-    Raw ``T = 1`` logits of the k largest tokens (bf16 or float) with their distinct vocabulary
-    ids (int32 or int64), each ``[B, L, K]``, and ``tail_logmass_BL = log sum exp`` of all other
-    logits (``-inf`` when k covers the vocabulary). Read at masked positions only.
-    """
-
-    values_BLK: torch.Tensor
-    ids_BLK: torch.Tensor
-    tail_logmass_BL: torch.Tensor
-
-
-@dataclass
-class SparseLogits:
-    """The teacher's compressed logits as ragged rows (signal version 2), ``[R, K]`` for R rows.
-
-    ``positions_R`` are the rows' flat ``b * L + t`` positions in ``[B, L]``. ``ids_RK`` are
-    distinct vocabulary ids, -1 in padding; ``values_RK`` their T = 1 logits, shifted by any
-    per-row constant (softmax is shift-invariant), -inf in padding; ``tail_logmass_R`` log sum exp
-    of all other logits with the same shift (-inf when the ids cover the vocabulary). Optional
-    tail draws: ``draw_ids_RM`` (distinct, not among the top ids, -1 in padding), their shifted
-    logits ``draw_values_RM`` and ``draw_weights_RM`` = multiplicity / draws per row.
-    """
-
-    positions_R: torch.Tensor
-    ids_RK: torch.Tensor
-    values_RK: torch.Tensor
-    tail_logmass_R: torch.Tensor
-    draw_ids_RM: torch.Tensor | None = None
-    draw_values_RM: torch.Tensor | None = None
-    draw_weights_RM: torch.Tensor | None = None
 
 
 @dataclass

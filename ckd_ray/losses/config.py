@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 
 from ckd_ray.losses.terms import TERM_NAMES as LOSS_TERMS
 # Seed 000's names for its multi-level loss L = a*task + b*output + c*feature + d*knowledge + e*attention.

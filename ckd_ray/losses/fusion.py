@@ -37,6 +37,7 @@ from typing import Literal, get_args
 import torch
 
 from ckd_ray.losses.kl import DEFAULT_CHUNK_SIZE, KLDirection, kl_loss_sparse
+from ckd_ray.losses.logits import SparseLogits
 
 FusionRule = Literal["fixed", "min_ce", "confidence", "entropy"]
 FUSION_RULES = get_args(FusionRule)
@@ -177,7 +178,6 @@ def fused_kl_loss(
     if labels_BL is not None and labels_BL.shape != mask_BL.shape:
         raise ValueError(f"labels {tuple(labels_BL.shape)} must have the mask's shape {tuple(mask_BL.shape)}")
     _check_rule(rule, len(teachers), fixed_weights, rule_temperature)
-    from ckd_ray.losses.composite import SparseLogits
     from ckd_ray.losses.precision import compute_dtype
 
     num_vocab, dtype = logits_BLV.shape[-1], compute_dtype(logits_BLV.dtype)

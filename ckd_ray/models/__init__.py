@@ -1,24 +1,33 @@
-"""The model family: presets, loading from a directory or s3://, freeze policies, vocabulary alignment."""
+"""The model family: presets, loading from a directory or s3://, freeze policies, vocabulary alignment.
 
-from ckd_ray.models.builder import (
-    FREEZE_POLICIES,
-    VocabularyMismatchError,
-    apply_freeze,
-    build_preset,
-    count_parameters,
-    load_model,
-    load_spec,
-    num_image_tokens,
-    preset_config,
-    save_model,
-    shared_vocab_size,
-    vocab_fingerprint,
-)
-from ckd_ray.models.config import ModelSpec
-from ckd_ray.models.presets import PRESETS, REAL_PRESETS, TINY_PRESETS
+The names below load on first use: `ckd_ray.models.config` and `.presets` (read by the config
+tree and its checks) are imported without torch and transformers."""
 
-__all__ = [
-    "FREEZE_POLICIES", "PRESETS", "REAL_PRESETS", "TINY_PRESETS", "ModelSpec", "VocabularyMismatchError",
-    "apply_freeze", "build_preset", "count_parameters", "load_model", "load_spec", "num_image_tokens",
-    "preset_config", "save_model", "shared_vocab_size", "vocab_fingerprint",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "FREEZE_POLICIES": "builder",
+    "ModelSpec": "config",
+    "PRESETS": "presets",
+    "REAL_PRESETS": "presets",
+    "TINY_PRESETS": "presets",
+    "VocabularyMismatchError": "builder",
+    "apply_freeze": "builder",
+    "build_preset": "builder",
+    "count_parameters": "builder",
+    "load_model": "builder",
+    "load_spec": "builder",
+    "num_image_tokens": "builder",
+    "preset_config": "builder",
+    "save_model": "builder",
+    "shared_vocab_size": "builder",
+    "vocab_fingerprint": "builder",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from ckd_ray import storage
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 from ckd_ray.data.processor import CHAT_TEMPLATE, IMAGE_TOKEN, TURN_END_TOKEN, TURN_START_TOKEN
 from ckd_ray.models.folders import ORIGINAL_LLAVA_KEYS, count_visual_tokens
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from ckd_ray import storage
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 
 
 class ModelSpec(Section):

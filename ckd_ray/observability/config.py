@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 
 
 class ObservabilityConfig(Section):

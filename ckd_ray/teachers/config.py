@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 
 
 class SignalSpec(Section):

@@ -34,6 +34,24 @@ import torch
 
 _HEADER = struct.Struct("<IBBH")
 _WIRE_NUMPY = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}  # bf16 travels as its bits
+# The value dtypes a signal travels in (`signal.value_dtype`).
+WIRE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def to_wire(tensor: torch.Tensor, value_dtype: str) -> np.ndarray:
+    """A tensor as a numpy array in the wire dtype (bf16 as uint16 bits)."""
+    tensor = tensor.detach().to(WIRE_DTYPES[value_dtype]).cpu().contiguous()
+    if value_dtype == "bfloat16":
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def from_wire(array, value_dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse of `to_wire`: float tensors in the wire dtype (the losses upcast to float32)."""
+    tensor = torch.as_tensor(np.ascontiguousarray(array))
+    if value_dtype == "bfloat16":
+        tensor = tensor.view(torch.int16).view(torch.bfloat16)
+    return tensor.to(device)
 
 
 def bits_for(num_values: int) -> int:
@@ -171,8 +189,6 @@ def _draw_tail(rows: PackedRows, tail_NV, shift_N1, num_draws: int, generator) -
 
 def encode_rows(rows: PackedRows, vocab_size: int, top_k: int, value_dtype: str) -> bytes:
     """One sample's rows as the version 2 bytes (module docstring)."""
-    from ckd_ray.teachers.signal import to_wire
-
     id_bits, count_bits = bits_for(vocab_size), bits_for(max(top_k, rows.num_draws) + 1)
 
     def wire(values: np.ndarray) -> bytes:
@@ -193,8 +209,6 @@ def encode_rows(rows: PackedRows, vocab_size: int, top_k: int, value_dtype: str)
 
 def decode_rows(data: bytes, value_dtype: str) -> PackedRows:
     """Inverse of `encode_rows` (values come back as float32)."""
-    from ckd_ray.teachers.signal import from_wire
-
     view = memoryview(data)
     num_rows, id_bits, count_bits, num_draws = _HEADER.unpack_from(view)
     offset = _HEADER.size

@@ -48,12 +48,11 @@ import numpy as np
 import torch
 
 from ckd_ray.teachers.config import SignalSpec
-from ckd_ray.teachers.packed import unpack_triangle
+from ckd_ray.teachers.packed import WIRE_DTYPES, from_wire, to_wire, unpack_triangle  # noqa: F401 (the wire format's names, here too)
 
 SIGNAL_VERSION = 1  # the default format; `SignalSpec.version` picks one per job
 _VERSION_2_FIELDS = ("version", "tail_mass", "tail_samples")
 SIGNAL_PREFIX = "sig_"
-_WIRE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def spec_fingerprint(spec: SignalSpec, shared_vocab_size: int) -> str:
@@ -65,22 +64,6 @@ def spec_fingerprint(spec: SignalSpec, shared_vocab_size: int) -> str:
         fields = {name: value for name, value in fields.items() if name not in _VERSION_2_FIELDS}
     blob = json.dumps({"version": spec.version, "vocab": shared_vocab_size, **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def to_wire(tensor: torch.Tensor, value_dtype: str) -> np.ndarray:
-    """A tensor as a numpy array in the wire dtype (bf16 as uint16 bits)."""
-    tensor = tensor.detach().to(_WIRE[value_dtype]).cpu().contiguous()
-    if value_dtype == "bfloat16":
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
-
-
-def from_wire(array, value_dtype: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Inverse of `to_wire`: float tensors in the wire dtype (the losses upcast to float32)."""
-    tensor = torch.as_tensor(np.ascontiguousarray(array))
-    if value_dtype == "bfloat16":
-        tensor = tensor.view(torch.int16).view(torch.bfloat16)
-    return tensor.to(device)
 
 
 def bytes_per_sample(
@@ -97,7 +80,7 @@ def bytes_per_sample(
     if spec.version != 1:
         raise ValueError("bytes_per_sample computes version 1 sizes; a version 2 sample's size depends on its "
                          "tokens: measure its columns with signal_nbytes")
-    value = torch.tensor([], dtype=_WIRE[spec.value_dtype]).element_size()
+    value = torch.tensor([], dtype=WIRE_DTYPES[spec.value_dtype]).element_size()
     parts: dict[str, int] = {}
     if spec.response_top_k:
         parts["response_topk"] = seq_len * spec.response_top_k * (value + 4) + seq_len * 4

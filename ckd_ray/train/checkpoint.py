@@ -42,8 +42,6 @@ STATE_FILE = "train_state.json"
 CHECKSUM_FILE = "checksums.json"
 # What torch.save and pickle write: never written here, so never read from a checkpoint folder.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# Next to an exported student: the step's report history, phases and final checkpoint name.
-STEP_SUMMARY_FILE = "ckd_step.json"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 

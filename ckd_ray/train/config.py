@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 
 StepKind = Literal["PT", "FT", "DPT", "SFT", "DFT"]
 # Seed 001 (LLaVA-KD settings): DPT lr 1e-3, SFT/DFT 2e-5; TinyLLaVA PT/FT the same per phase.

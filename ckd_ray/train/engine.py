@@ -5,14 +5,13 @@ up the process group (gloo on CPU, NCCL on GPU); DeepSpeed is imported here, nev
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
 from ckd_ray.losses import FeatureProjection
+from ckd_ray.train.plan import OptimizerPlan, lr_factor, warmup_steps_for  # noqa: F401 (the schedule, here too)
 
 
 class StudentWithProjection(nn.Module):
@@ -27,32 +26,6 @@ class StudentWithProjection(nn.Module):
 
     def forward(self, **model_inputs):
         return self.student(**model_inputs)
-
-
-@dataclass(frozen=True)
-class OptimizerPlan:
-    """The optimizer schedule of one step, resolved on the driver."""
-
-    lr: float
-    """Peak learning rate."""
-    weight_decay: float
-    total_steps: int
-    """Optimizer steps of the whole step (the cosine reaches 0 here)."""
-    warmup_steps: int
-
-
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps: linear warm-up from 0, then cosine
-    decay to 0 at `total_steps`. The same convention as the Hugging Face Trainer that TinyLLaVA
-    and LLaVA-KD train with, so the first update of a warm-up runs at lr 0."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
-    return math.ceil(total_steps * warmup_ratio)
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, grad_clip: float, zero_stage: int, bf16: bool) -> dict:

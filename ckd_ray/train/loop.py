@@ -30,7 +30,6 @@ from ckd_ray.train.batch import StudentBatch, student_batch
 from ckd_ray.train.checkpoint import (
     MODEL_DIR,
     checkpoint_directory,
-    STEP_SUMMARY_FILE,
     TrainState,
     load_projection,
     read_state,
@@ -38,11 +37,8 @@ from ckd_ray.train.checkpoint import (
     resume_checkpoint,
     write_checkpoint,
 )
-from ckd_ray.train.engine import OptimizerPlan, StudentWithProjection, build_engine, deepspeed_config
-
-# decode_signal(batch of numpy columns, device=...) -> the losses' TeacherSignalBatch
-SignalDecoder = Callable[..., TeacherSignalBatch]
-
+from ckd_ray.train.engine import StudentWithProjection, build_engine, deepspeed_config
+from ckd_ray.train.plan import STEP_SUMMARY_FILE, SignalDecoder, StepPlan  # noqa: F401 (the worker's side of the contract)
 
 @dataclass
 class WorkerSession:
@@ -67,53 +63,6 @@ def ray_train_session() -> WorkerSession:
 
     return WorkerSession(rank=ray.train.get_context().get_world_rank(), device=ray.train.torch.get_device(),
                          checkpoint=ray.train.get_checkpoint(), dataset_shard=ray.train.get_dataset_shard, report=report)
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """Everything a worker needs to run one training step, resolved on the driver."""
-
-    step_id: str
-    """Stable name of the step (the manifest's key); checkpoints record it."""
-    label: str
-    """Names the step in progress lines, e.g. "ta->student/DPT"."""
-    export_uri: str
-    """Where the trained student is exported (a Hugging Face directory, local or s3://)."""
-    checkpoint_prefix: str
-    """Prefix of the step's checkpoint folders inside the worker group's run folder ("" or "<step_id>/")."""
-    job_name: str
-    stage: str
-    kind: str
-    init_model_uri: str
-    """Hugging Face directory (local or s3://) the step starts from."""
-    trust_remote_code: bool
-    freeze_policy: str
-    loss: LossConfig
-    """The effective loss, weights resolved."""
-    optimizer: OptimizerPlan
-    micro_batch_size: int
-    grad_accum: int
-    grad_clip: float
-    zero_stage: int
-    bf16: bool
-    num_workers: int
-    batches_per_epoch: int
-    """Micro-batches in each worker's shard of one epoch, as planned (it sizes the lr schedule;
-    the data position follows the shard itself, see `micro_batches`)."""
-    report_every: int
-    checkpoint_every: int
-    seed: int
-    teacher_hidden_size: int | None
-    """Width of the teacher features the projection maps from (only with the `feature` term)."""
-    has_validation: bool
-    """A "val" dataset is attached: validate at the end of the step."""
-    await_signal: Callable[[], None] | None = None
-    """Blocks until the step's teacher signal exists (its pass runs on the driver while the
-    group trains earlier steps); None when it existed before the group started."""
-
-    @property
-    def total_steps(self) -> int:
-        return self.optimizer.total_steps
 
 
 def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: LossConfig) -> dict[str, torch.Tensor]:

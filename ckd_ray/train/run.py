@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 
 from ckd_ray import storage
 from ckd_ray.errors import require_ray
-from ckd_ray.train.checkpoint import STEP_SUMMARY_FILE
 from ckd_ray.train.config import TrainerConfig
-from ckd_ray.train.loop import SignalDecoder, StepPlan, train_worker
+from ckd_ray.train.plan import STEP_SUMMARY_FILE, SignalDecoder, StepPlan
 
 RUN_FOLDER = "train"
 
@@ -79,7 +78,7 @@ def run_steps(
     keep_checkpoints: int | None = None,
     callbacks: list | None = None,
     on_event: EventHandler | None = None,
-    worker_loop=train_worker,
+    worker_loop=None,
     loop_config: dict | None = None,
     in_process: bool = False,
 ) -> list[StepResult]:
@@ -87,7 +86,7 @@ def run_steps(
     per step. `on_event` is called on this thread as rank 0 starts a step, finishes an optimizer
     step and finishes a step (the Train run itself runs on a helper thread meanwhile), so a
     caller can keep its manifest and progress bar current while the group trains. `worker_loop`
-    wraps `train_worker` where a caller needs more on the workers (Tune); `loop_config` adds to
+    wraps `ckd_ray.train.loop.train_worker` (the default) where a caller needs more on the workers (Tune); `loop_config` adds to
     its config.
 
     `in_process` (one worker only) runs the loop in this process instead: no controller, no
@@ -98,6 +97,8 @@ def run_steps(
     if in_process and trainer_config.num_workers != 1:
         raise ValueError(f"an in-process run has one worker; trainer.num_workers is {trainer_config.num_workers}")
     require_ray("run_steps")
+    if worker_loop is None:  # the workers' loop: torch, DeepSpeed and Ray Train load here, not when planning
+        from ckd_ray.train.loop import train_worker as worker_loop
     from ray.util.queue import Queue
 
     events = Queue(actor_options={"num_cpus": 0}) if on_event else None

@@ -4,10 +4,10 @@ search cannot train a teacher it also needs (its signal could not be cached once
 
 from __future__ import annotations
 
-from ckd_ray.cascade.config import DISTILLATION_STEPS, effective_loss
-from ckd_ray.config.checks import _missing_signal
+from ckd_ray.config.cascade import DISTILLATION_STEPS, effective_loss
+from ckd_ray.config.checks import missing_signal
 from ckd_ray.config.job import JobConfig
-from ckd_ray.config.loader import Problem
+from ckd_ray.errors import Problem
 from ckd_ray.tune.space import canonical, distilling_stages, plan_searches, split_key, tuned_loss
 
 
@@ -37,7 +37,7 @@ def check_tune(job: JobConfig) -> list[Problem]:
                     continue
                 loss = tuned_loss(effective_loss(job.loss, stage, step), values, step.kind)
                 for term in values:
-                    message = _missing_signal(term, loss, job.signal)
+                    message = missing_signal(term, loss, job.signal)
                     key = _space_key(job, stage_index, term)
                     problem = Problem(f"tune.space.{key}", f"is searched but {message[0].removeprefix('> 0 but ')}",
                                       message[1].replace("or set the weight to 0", "or do not search it")) if message else None

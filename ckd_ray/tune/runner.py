@@ -31,12 +31,13 @@ from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan, teacher_roles_to_prepare
 from ckd_ray.cascade.runner import (
-    CascadeResult, _initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress, raise_storage_problems,
+    CascadeResult, initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress, raise_storage_problems,
 )
 from ckd_ray.cascade.signal import attach_fused_signal, attach_teacher_signal
 from ckd_ray.cascade.steps import prepare_segment, split_segments, teacher_uris
 from ckd_ray.config.job import JobConfig
-from ckd_ray.config.loader import ConfigError, validate_config
+from ckd_ray.config.loader import validate_config
+from ckd_ray.errors import ConfigError
 from ckd_ray.tune.checks import check_tune
 from ckd_ray.tune.space import Search, plan_searches, signal_step, split_key, with_values
 from ckd_ray.tune.trial import (
@@ -99,15 +100,16 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
     quiet_data_progress()
     from ckd_ray.cascade.prepared import job_as_run
+    from ckd_ray.cascade.runner import run_cascade
 
-    job = job_as_run(job, log=log)  # the cascade's shared preparation runs: a quickstart with the same recipe made them
+    job = job_as_run(job, log=log, run=run_cascade)  # the cascade's shared preparation runs: a quickstart with the same recipe made them
     tune_uri = storage.join(job.run_uri, "tune")
     manifest = Manifest.open(tune_uri, job)
     data = StepData(job, tune_uri)
     searches = plan_searches(job)
     log(f"[tune] {job.name}: {job.tune.mode}, {len(searches)} search(es) of {job.tune.num_samples} trials, "
         f"{job.tune.max_steps_per_trial} steps per trial; outputs in {tune_uri}")
-    _initial_checkpoints(job, manifest, data.processor_uri, tune_uri, log)
+    initial_checkpoints(job, manifest, data.processor_uri, tune_uri, log)
     # Teacher preparation: once, as in the cascade.
     _run_full_steps(job, [p for p in build_plan(job) if p.stage_index < 0], manifest.roles, manifest, data, tune_uri, "", log)
     prepared = {role: manifest.roles[role] for role in teacher_roles_to_prepare(job)}

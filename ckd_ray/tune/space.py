@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ckd_ray.cascade.config import DISTILLATION_STEPS, StageConfig, default_weights, effective_loss
+from ckd_ray.config.cascade import DISTILLATION_STEPS, StageConfig, default_weights, effective_loss
 from ckd_ray.cascade.plan import PlannedStep
 from ckd_ray.config.job import JobConfig
 from ckd_ray.losses.config import GREEK_ALIASES, LossConfig
-from ckd_ray.tune.config import SearchDimension
+from ckd_ray.config.tune import SearchDimension
 
 TEMPERATURE = "temperature"
 FUSION_TEMPERATURE = "fusion_temperature"

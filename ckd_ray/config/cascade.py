@@ -6,7 +6,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from ckd_ray.config.base import Section
+from ckd_ray.section import Section
 from ckd_ray.losses.config import LossConfig
 from ckd_ray.train.config import StepKind
 
