@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr
 
 from ckd_ray import storage
-from ckd_ray.config.cascade import PLAN_NAMES
+from ckd_ray.config.cascade import PLAN_NAMES, PlanName
 from ckd_ray.section import Section
 from ckd_ray.config.loader import deep_merge, read_yaml, validate_config
 from ckd_ray.errors import ConfigError, Problem
@@ -38,7 +38,7 @@ class ExperimentRun(Section):
 
     name: str
     """Row label and run-folder suffix."""
-    plan: Literal["bottom_up", "single_teacher", "top_down", "student_only", "progressive", "end_to_end"]
+    plan: PlanName
     """The cascade plan of this row."""
     method: str = ""
     """Method name shown in the table (default: the plan)."""
@@ -272,6 +272,8 @@ CLAIMS = (
     ("bottom_up", "single_teacher", "LLaVA-CKD beats LLaVA-KD (seed 001, Table 1)"),
     ("bottom_up", "top_down", "bottom-up beats top-down (seed 001, Table 3)"),
     ("progressive", "end_to_end", "the progressive curriculum beats end-to-end (seed 000, Table 2)"),
+    ("fused", "bottom_up", "TA and teacher fused per token beat LLaVA-CKD"),
+    ("fused", "single_teacher", "TA and teacher fused per token beat LLaVA-KD"),
     ("teacher", "ta", "the prepared teacher beats the prepared TA"),
     ("ta", "student_only", "the prepared TA beats the student alone"),
     ("teacher", "student_only", "the prepared teacher beats the student alone"),
@@ -312,7 +314,7 @@ def _comparisons(experiment: ExperimentConfig, rows: dict[str, _Row], teachers: 
 
 
 STAGES = {"student_only": "-", "single_teacher": "T->S", "bottom_up": "TA->S, T->S", "top_down": "T->TA, TA->S",
-          "progressive": "T->S (hop 0, <=1, all)", "end_to_end": "T->S (all hops)"}
+          "progressive": "T->S (hop 0, <=1, all)", "end_to_end": "T->S (all hops)", "fused": "TA+T->S (fused)"}
 
 
 def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict, prepared: dict,
