@@ -81,7 +81,7 @@ def main() -> None:
     import ray
 
     from ckd_ray import load_config
-    from ckd_ray.cascade.runner import connect_ray, quiet_data_progress
+    from ckd_ray.cascade.session import connect_ray, quiet_data_progress
 
     roles = json.loads((args.run / "manifest.json").read_text())["roles"]
     base = load_config(args.config)

@@ -86,7 +86,7 @@ def main() -> None:
         from ckd_ray.data.kvqa import build_kvqa
 
         build_kvqa(args.benchmark_root)
-    from ckd_ray.cascade.runner import connect_ray
+    from ckd_ray.cascade.session import connect_ray
     from ckd_ray.config.job import RayConfig
 
     connect_ray(RayConfig(num_cpus=8))  # as `ckd-ray tune` starts its local Ray

@@ -62,6 +62,6 @@ def require_ray(what: str) -> None:
     if not ray.is_initialized():
         raise RayNotConnectedError(
             f"{what} needs a Ray cluster, and this process is not connected to one: call "
-            "ckd_ray.cascade.runner.connect_ray(job.ray) first (a new local Ray, or the cluster that "
+            "ckd_ray.cascade.session.connect_ray(job.ray) first (a new local Ray, or the cluster that "
             "ray.address or RAY_ADDRESS names), or ray.init(address=...) with the cluster you mean"
         )

@@ -25,7 +25,7 @@ def ray_head(ray_cluster):
 
 LOCAL_NEXT_TO_HEAD = r"""
 import ray
-from ckd_ray.cascade.runner import connect_ray
+from ckd_ray.cascade.session import connect_ray
 from ckd_ray.config.job import RayConfig
 connect_ray(RayConfig(num_cpus=3))
 print("CPUS", ray.cluster_resources().get("CPU"))
@@ -62,7 +62,7 @@ except RayNotConnectedError as err:
     print(f"REFUSED in {time.monotonic() - started:.1f} s: {err}")
 
 import ray
-from ckd_ray.cascade.runner import connect_ray
+from ckd_ray.cascade.session import connect_ray
 from ckd_ray.config.job import RayConfig
 connect_ray(RayConfig(num_cpus=2))
 address = ray.get_runtime_context().gcs_address

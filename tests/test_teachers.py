@@ -136,7 +136,7 @@ def test_signal_cache_hit_starts_no_teacher_and_changed_spec_misses(ray_local, k
     from ckd_ray.cascade.datasets import StepData
     from ckd_ray.cascade.plan import build_plan
     from ckd_ray.cascade.signal import attach_teacher_signal
-    from ckd_ray.cascade.runner import initial_checkpoints
+    from ckd_ray.cascade.session import initial_checkpoints
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.config import validate_config
 

@@ -11,7 +11,7 @@ import pytest
 from ckd_ray import storage
 from ckd_ray.config import load_config, validate_config
 from ckd_ray.cascade.datasets import StepData
-from ckd_ray.cascade.runner import initial_checkpoints
+from ckd_ray.cascade.session import initial_checkpoints
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.tune.report import RESULTS_CSV
 from ckd_ray.tune.runner import _search, run_tune

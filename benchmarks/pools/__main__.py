@@ -51,7 +51,7 @@ def main() -> int:
 
     import ray
 
-    from ckd_ray.cascade.runner import connect_ray, quiet_data_progress
+    from ckd_ray.cascade.session import connect_ray, quiet_data_progress
     from ckd_ray.config.job import RayConfig
 
     root = Path(args.benchmark_root).resolve()

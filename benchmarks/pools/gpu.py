@@ -71,7 +71,7 @@ def run_gpu(args) -> int:
 
     from benchmarks.gpu_smoke import build_parts, compose_both, real_shapes, tiny_shapes
     from benchmarks.pools.matrix import PoolBenchmark, run_matrix
-    from ckd_ray.cascade.runner import connect_ray, quiet_data_progress
+    from ckd_ray.cascade.session import connect_ray, quiet_data_progress
     from ckd_ray.config.job import RayConfig
 
     started = time.perf_counter()

@@ -175,7 +175,8 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     from ckd_ray.cascade.manifest import Manifest
     from ckd_ray.cascade.plan import build_plan
     from ckd_ray.cascade.prepared import copy_teacher_scores, prepare_once
-    from ckd_ray.cascade.runner import check_model_folders, connect_ray, raise_storage_problems, run_cascade
+    from ckd_ray.cascade.runner import run_cascade
+    from ckd_ray.cascade.session import check_model_folders, connect_ray, raise_storage_problems
 
     started = time.perf_counter()
     raw = _prepared_base(base, experiment)

@@ -9,19 +9,17 @@ resubmitted job skip finished steps and resume an unfinished one from its last c
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 
 from ckd_ray import storage
-from ckd_ray.config.cascade import CONTROL_ROLE
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan
+from ckd_ray.cascade.session import open_run
 from ckd_ray.cascade.steps import TeacherPasses, prepare_segment, split_segments
-from ckd_ray.config.job import JobConfig, RayConfig
+from ckd_ray.config.job import JobConfig
 from ckd_ray.evaluate import evaluate_models, knowledge_preservation
 from ckd_ray.evaluate.scoring import baseline_scores, describe_scores
 from ckd_ray.train.run import RUN_FOLDER
@@ -38,68 +36,6 @@ class CascadeResult:
     seconds: float
 
 
-# Ray Train's controller polls its workers every 2 s by default, and a worker's next report waits
-# for the previous one to be collected: with a report every few optimizer steps of a small
-# model, the poll interval, not training, sets the pace.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
-# Run in every worker before its first task; jobs/runtime_env.yaml names it for submitted jobs.
-WORKER_SETUP_HOOK = "ckd_ray.cascade.worker_setup.restore_sigint_handler"
-
-
-def connect_ray(settings: RayConfig, *, metrics_export_port: int | None = None, log_to_driver: bool = True) -> None:
-    """Joins the cluster named by the config or RAY_ADDRESS (set inside `ray job submit`), or
-    starts a new local Ray sized by `ray.num_cpus`: a new one even when a `ray start` cluster
-    runs on this machine (or a dead one left its address file behind), so a laptop run never
-    joins, or waits for, a cluster it did not ask for (`ray.address: auto` joins that one).
-    `log_to_driver=False` keeps worker output in Ray's session logs instead of echoing it."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = settings.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
-        return
-    runtime_env = {"env_vars": TRAIN_ENV, "worker_process_setup_hook": WORKER_SETUP_HOOK}
-    kwargs = {"address": "local", "num_cpus": settings.num_cpus, "runtime_env": runtime_env, "log_to_driver": log_to_driver}
-    if settings.object_store_memory_mb:
-        kwargs["object_store_memory"] = settings.object_store_memory_mb * 2**20
-    if metrics_export_port:
-        kwargs["_metrics_export_port"] = metrics_export_port
-    ray.init(**kwargs)
-
-
-def check_model_folders(job: JobConfig) -> None:
-    """Every role's model folder (s3:// too) exists, is in the Llava layout, and can teach or
-    learn from the roles it meets: checked from the folders' small files before Ray starts, so a
-    pair that cannot be distilled fails in seconds, not after a teacher pool has loaded."""
-    from ckd_ray.config.checks import model_folder_problems
-    from ckd_ray.errors import ConfigError
-
-    problems = model_folder_problems(job, at_start=True)
-    if problems:
-        raise ConfigError(problems, "the job's model folders")
-
-
-def raise_storage_problems(job: JobConfig) -> None:
-    """ConfigError, before Ray starts, if the job's data or models are missing or its S3 buckets
-    do not answer (see `ckd_ray.config.checks.check_storage`)."""
-    from ckd_ray.config.checks import check_storage
-    from ckd_ray.errors import ConfigError
-
-    problems = check_storage(job)
-    if problems:
-        raise ConfigError(problems, f"the data and storage of job {job.name!r}")
-
-
-def quiet_data_progress() -> None:
-    """Ray Data's per-operator progress bars interleave with the step lines of a cascade; the
-    runner prints one line per step and per report instead."""
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-
-
 def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driver: bool = True) -> CascadeResult:
     """Runs the job's plan; returns where its outputs are. Consecutive steps share one worker
     group (see `ckd_ray.cascade.steps.split_segments`); `progress` shows a bar per step;
@@ -109,24 +45,13 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
     from ckd_ray.report.markdown import command_share
 
     start = time.perf_counter()
-    raise_storage_problems(job)
-    check_model_folders(job)
-    if job.cascade.share_prepared_teachers:  # prepared in their own runs (or found there), then this job starts from them
-        from ckd_ray.cascade.prepared import job_as_run
-
-        connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
-        job = job_as_run(job, log=log, copy_scores=True, run=run_cascade)
-    run_uri = job.run_uri
-    data = StepData(job, run_uri)
-    data.evaluation_sets()  # an evaluation that selects nothing is refused now, not after the training
-    ray_started = time.perf_counter()  # the command's wall time for its compute share: Ray start to report
-    connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
-    quiet_data_progress()
-    manifest = Manifest.open(run_uri, job)
+    # With share_prepared_teachers, the teachers are prepared in runs of their own (or found
+    # there) and this job starts from them.
+    session = open_run(job, run=run_cascade, log=log, copy_scores=True, log_to_driver=log_to_driver)
+    job, run_uri, manifest, data, ray_started = session.job, session.run_uri, session.manifest, session.data, session.ray_started
     plan = build_plan(job)
     metrics = CascadeMetrics(job.name)
     log(f"[cascade] {job.name}: {len(plan)} steps, outputs in {run_uri}")
-    initial_checkpoints(job, manifest, data.processor_uri, run_uri, log, roles={p.learner for p in plan} | {t for p in plan for t in p.teachers} | {"student"})
     histories: dict[str, list[dict]] = {}
     trained_now: list[str] = []  # the steps this command trains (a resumed run skips the others)
     # One worker group for the whole plan when passes can wait for their teacher beside it (the
@@ -284,29 +209,6 @@ def _describe(planned: PlannedStep) -> dict:
 def _last_of_stage(plan: list[PlannedStep], planned: PlannedStep) -> bool:
     following = plan[planned.index + 1 :]
     return not following or following[0].stage is not planned.stage
-
-
-def initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str, run_uri: str, log, roles=None) -> None:
-    """Every role the plan uses starts from a model directory: presets are built (seeded) and
-    saved into the run folder once; given paths are used as they are."""
-    from ckd_ray.models import build_preset, save_model
-
-    for offset, (role, spec) in enumerate(sorted(job.models.items())):
-        if role in manifest.roles or (roles is not None and role not in roles):
-            continue
-        if spec.path:
-            manifest.roles[role] = spec.path
-            continue
-        uri = storage.join(run_uri, "models", f"{role}-init")
-        with tempfile.TemporaryDirectory() as tmp:
-            model = build_preset(spec.preset, seed=job.seed * 1000 + offset)
-            save_model(model, tmp, storage.download_dir(processor_uri))
-            storage.upload_dir(tmp, uri)
-        manifest.roles[role] = uri
-        log(f"[cascade] built {spec.preset} for role {role!r} -> {uri}")
-    if job.cascade.student_alone and CONTROL_ROLE not in manifest.roles:
-        manifest.roles[CONTROL_ROLE] = manifest.roles["student"]  # the control starts where the student does
-    manifest.save()
 
 
 def _evaluate_stages(job: JobConfig, manifest: Manifest, ended: list[PlannedStep], data, log) -> None:

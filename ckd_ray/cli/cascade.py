@@ -36,25 +36,21 @@ def evaluate(config_paths, overrides, models) -> None:
     import sys
 
     from ckd_ray import storage
-    from ckd_ray.cascade.datasets import StepData
-    from ckd_ray.cascade.manifest import Manifest
-    from ckd_ray.cascade.prepared import job_as_run
-    from ckd_ray.cascade.runner import connect_ray, run_cascade
+    from ckd_ray.cascade.runner import run_cascade
+    from ckd_ray.cascade.session import open_run
     from ckd_ray.config import ConfigError
     from ckd_ray.evaluate import evaluate_models
     from ckd_ray.evaluate.scoring import baseline_scores
     from ckd_ray.report.markdown import HEADLINE_NOTE, scores_table
 
     job = load_or_exit(config_paths, overrides, check_storage=True)
-    data = StepData(job, job.run_uri)
-    try:
-        data.evaluation_sets()  # before Ray starts: a set that selects nothing is a config problem
+    try:  # the evaluation sets are resolved before Ray starts: a set that selects nothing is a config problem
+        session = open_run(job, run=run_cascade, log=click.echo, build_initial=False, metrics=False)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)
-    connect_ray(job.ray)
-    job = job_as_run(job, log=click.echo, run=run_cascade)  # the run's manifest names the prepared teachers' folders
-    roles = Manifest.open(job.run_uri, job).roles
+    # The run's manifest names the prepared teachers' folders (session.job is the job as the run recorded it).
+    job, data, roles = session.job, session.data, session.manifest.roles
     targets = {m: roles.get(m, m) for m in models} if models else dict(roles)
     if not targets:
         raise click.UsageError("no --model given and the run has no manifest yet: run the cascade first")

@@ -30,9 +30,8 @@ from ckd_ray import storage
 from ckd_ray.cascade.datasets import StepData
 from ckd_ray.cascade.manifest import Manifest
 from ckd_ray.cascade.plan import PlannedStep, build_plan, teacher_roles_to_prepare
-from ckd_ray.cascade.runner import (
-    CascadeResult, initial_checkpoints, check_model_folders, connect_ray, quiet_data_progress, raise_storage_problems,
-)
+from ckd_ray.cascade.runner import CascadeResult, run_cascade
+from ckd_ray.cascade.session import open_run
 from ckd_ray.cascade.signal import attach_fused_signal, attach_teacher_signal
 from ckd_ray.cascade.steps import prepare_segment, split_segments, teacher_uris
 from ckd_ray.config.job import JobConfig
@@ -95,21 +94,12 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     problems = check_tune(job)
     if problems:
         raise ConfigError(problems, "tune")
-    raise_storage_problems(job)
-    check_model_folders(job)
-    connect_ray(job.ray, metrics_export_port=job.observability.metrics_export_port, log_to_driver=log_to_driver)
-    quiet_data_progress()
-    from ckd_ray.cascade.prepared import job_as_run
-    from ckd_ray.cascade.runner import run_cascade
-
-    job = job_as_run(job, log=log, run=run_cascade)  # the cascade's shared preparation runs: a quickstart with the same recipe made them
-    tune_uri = storage.join(job.run_uri, "tune")
-    manifest = Manifest.open(tune_uri, job)
-    data = StepData(job, tune_uri)
+    # The cascade's shared preparation runs: a quickstart with the same recipe made them.
+    session = open_run(job, run=run_cascade, log=log, folder="tune", check_evaluation=False, log_to_driver=log_to_driver)
+    job, tune_uri, manifest, data = session.job, session.run_uri, session.manifest, session.data
     searches = plan_searches(job)
     log(f"[tune] {job.name}: {job.tune.mode}, {len(searches)} search(es) of {job.tune.num_samples} trials, "
         f"{job.tune.max_steps_per_trial} steps per trial; outputs in {tune_uri}")
-    initial_checkpoints(job, manifest, data.processor_uri, tune_uri, log)
     # Teacher preparation: once, as in the cascade.
     _run_full_steps(job, [p for p in build_plan(job) if p.stage_index < 0], manifest.roles, manifest, data, tune_uri, "", log)
     prepared = {role: manifest.roles[role] for role in teacher_roles_to_prepare(job)}
@@ -150,8 +140,6 @@ def run_tune(job: JobConfig, *, run_best: bool = False, log=print, log_to_driver
     log(f"[tune] best config: {best_config_uri}")
     outcome = TuneOutcome(tune_uri, report_uri, best_config_uri, outcomes, best_values)
     if run_best:
-        from ckd_ray.cascade.runner import run_cascade
-
         from ckd_ray.tune.report import append_comparison
 
         log(f"[tune] running the cascade with the best config ({best_raw['name']})")

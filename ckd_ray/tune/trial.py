@@ -101,7 +101,7 @@ def run_trial(values: dict, *, job: JobConfig, runs: list[PlannedStep], roles: d
     worker group (this process, for one worker: `runs_in_process`), each for `tune.max_steps_per_trial` optimizer steps with a report every
     `tune.grace_period` steps. Unlike a cascade step there are no restarts (a restart would replay
     reports Tune has already acted on, and a failed trial is a result of the search)."""
-    from ckd_ray.cascade.runner import quiet_data_progress
+    from ckd_ray.cascade.session import quiet_data_progress
 
     quiet_data_progress()  # this process's Ray Data context: the trial's datasets inherit it
     settings = job.tune

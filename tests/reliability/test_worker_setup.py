@@ -63,7 +63,7 @@ def test_local_and_submitted_runs_name_the_hook():
 
     import yaml
 
-    from ckd_ray.cascade.runner import WORKER_SETUP_HOOK
+    from ckd_ray.cascade.session import WORKER_SETUP_HOOK
     from ckd_ray.cascade.worker_setup import restore_sigint_handler
 
     runtime_env = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs" / "runtime_env.yaml").read_text())
