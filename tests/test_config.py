@@ -322,3 +322,23 @@ def test_paths_from_resolves_relative_paths_against_another_directory(tmp_path, 
     assert resolved["storage"]["root"] == str(CONFIGS.parent / "runs")
     here = yaml.safe_load(CliRunner().invoke(main, ["config", "show", str(CONFIGS / "tiny_cascade.yaml")]).output)
     assert here["storage"]["root"] == str(tmp_path / "runs")
+
+
+def test_a_run_folder_of_another_config_ends_the_command_with_its_fix_and_exit_2_not_a_traceback(tmp_path, capsys):
+    """`ckd-ray cascade` on a run folder another config wrote: the console prints the whole message
+    (what to change) and the command exits 2; any other error keeps its traceback."""
+    from ckd_ray.cascade.manifest import Manifest
+    from ckd_ray.cli.console import console
+
+    root = {"name": "mismatch", "storage": {"root": str(tmp_path)}, "data": {"benchmark_root": str(tmp_path / "kvqa")}}
+    first = validate_config(root)
+    Manifest.open(first.run_uri, first).save()
+    other = validate_config({**root, "seed": 7})
+    with pytest.raises(SystemExit) as exit_info, console(other, verbose=True):
+        Manifest.open(other.run_uri, other)
+    assert exit_info.value.code == 2
+    shown = capsys.readouterr().out
+    assert "[ckd-ray] failed: " in shown and "Use a new `name`" in shown and "Traceback" not in shown
+    with pytest.raises(ZeroDivisionError), console(other, verbose=True):  # not a user's fix: raised as it is
+        1 / 0
+    assert "[ckd-ray] failed: ZeroDivisionError" in capsys.readouterr().out

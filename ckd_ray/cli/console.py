@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 
 from ckd_ray import storage
-from ckd_ray.errors import describe_error
+from ckd_ray.cascade.manifest import ManifestMismatchError
+from ckd_ray.errors import ConfigError, describe_error
 
 
 def log_path_for(job) -> Path:
@@ -24,6 +25,11 @@ def log_path_for(job) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = Path(storage.parse(job.run_uri).path) if not storage.is_s3(job.run_uri) else Path(tempfile.gettempdir()) / "ckd_ray" / job.name
     return root / "logs" / f"driver-{stamp}.log"
+
+
+# Errors whose message says what to change (a config problem, a run folder written by another
+# config): the command exits 2 with that message instead of a traceback.
+_USER_FIXES = (ConfigError, ManifestMismatchError)
 
 
 @contextlib.contextmanager
@@ -68,8 +74,11 @@ def console(job, *, verbose: bool = False):
             raise
         except BaseException as err:
             traceback.print_exc(file=file)
-            tqdm.write(f"[ckd-ray] failed: {describe_error(err)}", file=terminal)
+            user_fix = isinstance(err, _USER_FIXES)  # the message names the fix: all of it, exit 2, no traceback
+            tqdm.write(f"[ckd-ray] failed: {err if user_fix else describe_error(err)}", file=terminal)
             tqdm.write(f"[ckd-ray] the full log: {path}", file=terminal)
+            if user_fix:
+                raise SystemExit(2) from None
             raise
         finally:
             sys.stdout, sys.stderr = saved
