@@ -230,6 +230,12 @@ def student() -> dict:
                         "pool keeps up, near 1 when the student starves."),
         Panel("Learning rate", [(f"max by (stage, step) (ray_ckd_student_lr{{{JOB_STAGE}}})", legend)],
               unit="short"),
+        Panel("Fused teachers: mean weight per teacher", [
+            (f"avg by (stage, step, term, teacher) (ray_ckd_student_fusion_weight{{{JOB_STAGE}}})",
+             "{{stage}}/{{step}} {{term}} {{teacher}}")], unit="short",
+            description="A fused step's (cascade.plan: fused) mean per-token weight of each teacher in each fused "
+                        "term over the last optimizer step, averaged over the workers: which teacher taught what. "
+                        "Empty for single-teacher steps."),
         Panel("Checkpoint time", [
             (f"max by (stage, step, worker) (ray_ckd_student_checkpoint_seconds{{{JOB_STAGE}}})",
              "{{stage}}/{{step}} {{worker}}")], unit="s", description="Time the last checkpoint took to save."),

@@ -123,6 +123,11 @@ def test_student_metrics(recorded):
         ("set", 2.5, {**tags, "term": "task"}), ("set", 0.75, {**tags, "term": "output"}),
         ("set", 3.25, {**tags, "term": "total"})]
     assert recorded["ckd_student_lr"].calls == [("set", 2e-5, tags)]
+    assert "ckd_student_fusion_weight" not in recorded or not recorded["ckd_student_fusion_weight"].calls
+    worker.record_step(step_time_s=0.5, data_wait_s=0.1, num_tokens=4096, loss_terms={"total": 1.0}, lr=2e-5,
+                       fusion_weights={("output", "ta"): 0.25, ("output", "teacher"): 0.75})
+    assert recorded["ckd_student_fusion_weight"].calls == [
+        ("set", 0.25, {**tags, "term": "output", "teacher": "ta"}), ("set", 0.75, {**tags, "term": "output", "teacher": "teacher"})]
     worker.record_checkpoint(12.5)
     assert recorded["ckd_student_checkpoint_seconds"].calls == [("set", 12.5, tags)]
 

@@ -335,3 +335,25 @@ def test_a_remote_checkpoint_is_read_from_a_folder_of_the_reader_s_own(tmp_path)
         assert held.read() == b"weights" * 100
         held.close()
     assert not Path(first).exists()
+
+
+def test_a_fused_steps_teacher_weights_reach_prometheus_apart_from_the_loss_terms():
+    """`fusion_<term>/<role>` (the fused loss's mean weight of a teacher) is not a loss term: the
+    step's Prometheus record gets it as (term, teacher) for its own gauge, averaged over micro-batches."""
+    import numpy as np
+    import torch
+
+    from ckd_ray.train.loop import ReportWindow
+
+    window = ReportWindow()
+    batch = {"input_ids": np.zeros((2, 3)), "attention_mask": np.ones((2, 3))}
+    for ta_weight in (0.2, 0.4):
+        window.add({"total": torch.tensor(1.0), "output": torch.tensor(0.5),
+                    "fusion_output/ta": torch.tensor(ta_weight), "fusion_output/teacher": torch.tensor(1 - ta_weight)},
+                   batch, busy_s=0.1, waited_s=0.0)
+    closed = window.close_step()
+    assert closed["loss_terms"] == {"total": 1.0, "output": 0.5}
+    assert closed["fusion_weights"].keys() == {("output", "ta"), ("output", "teacher")}
+    assert closed["fusion_weights"][("output", "ta")] == pytest.approx(0.3)
+    assert closed["fusion_weights"][("output", "teacher")] == pytest.approx(0.7)
+    assert closed["num_tokens"] == 12

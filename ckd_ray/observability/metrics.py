@@ -72,6 +72,10 @@ STUDENT_LOSS = MetricSpec(
     "ckd_student_loss", "gauge", "Last value of each loss term (term=total for the weighted sum).", _WORKER + ("term",)
 )
 STUDENT_LR = MetricSpec("ckd_student_lr", "gauge", "Learning rate of the last step.", _WORKER)
+STUDENT_FUSION_WEIGHT = MetricSpec(
+    "ckd_student_fusion_weight", "gauge",
+    "A fused step's mean per-token weight of each teacher in each fused term, over the last step.", _WORKER + ("term", "teacher"),
+)
 STUDENT_CHECKPOINT = MetricSpec(
     "ckd_student_checkpoint_seconds", "gauge", "Time the last checkpoint took to save.", _WORKER
 )
@@ -100,7 +104,7 @@ GPU_MEMORY = MetricSpec(
 
 ALL_METRICS = (
     TEACHER_SAMPLES, TEACHER_BATCHES, TEACHER_LATENCY, TEACHER_ACTORS, TEACHER_SIGNAL_BYTES,
-    STUDENT_STEP, STUDENT_STEP_TOTAL, STUDENT_DATA_WAIT, STUDENT_TOKENS, STUDENT_STEPS, STUDENT_LOSS, STUDENT_LR,
+    STUDENT_STEP, STUDENT_STEP_TOTAL, STUDENT_DATA_WAIT, STUDENT_TOKENS, STUDENT_STEPS, STUDENT_LOSS, STUDENT_LR, STUDENT_FUSION_WEIGHT,
     STUDENT_CHECKPOINT, DATA_SAMPLES, DATA_REJECTED,
     CASCADE_COMPLETED, CASCADE_INDEX, CASCADE_PLANNED, CASCADE_RUNNING, CASCADE_SECONDS,
     GPU_UTILIZATION, GPU_MEMORY,
@@ -225,10 +229,12 @@ class StudentMetrics(_Recorder):
         super().__init__(job=job, stage=stage, step=step, worker=worker)
 
     def record_step(
-        self, step_time_s: float, data_wait_s: float, num_tokens: int, loss_terms: Mapping[str, float], lr: float
+        self, step_time_s: float, data_wait_s: float, num_tokens: int, loss_terms: Mapping[str, float], lr: float,
+        fusion_weights: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         """One optimizer step. `step_time_s` is its whole wall time, the `data_wait_s` spent waiting
-        for the batch included; `loss_terms` maps each term (task, output, ..., total) to its value."""
+        for the batch included; `loss_terms` maps each term (task, output, ..., total) to its value;
+        `fusion_weights` (a fused step's) maps (term, teacher role) to the teacher's mean weight."""
         self._observe(STUDENT_STEP, step_time_s)
         self._inc(STUDENT_STEP_TOTAL, step_time_s)
         self._inc(STUDENT_DATA_WAIT, data_wait_s)
@@ -236,6 +242,8 @@ class StudentMetrics(_Recorder):
         self._inc(STUDENT_STEPS, 1)
         for term, value in loss_terms.items():
             self._set(STUDENT_LOSS, float(value), term=term)
+        for (term, teacher), value in (fusion_weights or {}).items():
+            self._set(STUDENT_FUSION_WEIGHT, float(value), term=term, teacher=teacher)
         self._set(STUDENT_LR, lr)
 
     def record_checkpoint(self, seconds: float) -> None:

@@ -481,12 +481,15 @@ class ReportWindow:
         that just ended."""
         step, self.step = self.step, Tally()
         self.num_steps += 1
+        means = {name: float(total) / step.micro_batches for name, total in step.term_sums.items()}
         return {
             "step_time_s": step.busy_s + step.waited_s,
             "data_wait_s": step.waited_s,
             "num_tokens": step.tokens,
-            "loss_terms": {name: float(total) / step.micro_batches for name, total in step.term_sums.items()
-                           if not name.startswith(FUSION_PREFIX)},
+            "loss_terms": {name: value for name, value in means.items() if not name.startswith(FUSION_PREFIX)},
+            # `fusion_<term>/<role>`: a fused step's mean weight of each teacher in each term
+            "fusion_weights": {tuple(name[len(FUSION_PREFIX):].split("/", 1)): value for name, value in means.items()
+                               if name.startswith(FUSION_PREFIX)},
         }
 
     def flush(self, state: TrainState, lr: float) -> dict[str, float]:
