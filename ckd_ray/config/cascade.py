@@ -134,8 +134,10 @@ class CascadeConfig(Section):
     `seed` (a job's seed draws its own pool; evaluation samples do not change with it), N
     what the learner's steps consume at their budgets (max_steps x samples per optimizer step /
     epochs, summed); consecutive steps on the same hop levels split what those levels hold in
-    proportion to their budgets, and a curriculum stage takes what its levels hold that earlier
-    stages left (it orders the pool by complexity instead of reading more of the easy levels).
+    proportion to their budgets, and a curriculum stage reads every record of its levels in the
+    pool, those earlier stages read included (the papers' cumulative curriculum: hop 0, then
+    hop <= 1, then all, so a later stage does not forget the earlier levels; the run's distinct
+    samples per level are still the pool's).
     Plans with the same budgets thus see the same distinct samples per hop level, however they
     split them into steps (`ckd-ray experiment`). Each step still makes its `max_steps`
     optimizer steps, passing over its share as often as that takes; every step needs a budget."""
