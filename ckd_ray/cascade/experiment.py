@@ -278,6 +278,9 @@ CLAIMS = (
     ("teacher", "ta", "the prepared teacher beats the prepared TA"),
     ("ta", "student_only", "the prepared TA beats the student alone"),
     ("teacher", "student_only", "the prepared teacher beats the student alone"),
+    # Distillation itself: the distilled students against the same student trained alone.
+    ("single_teacher", "student_only", "LLaVA-KD's student beats the student alone"),
+    ("bottom_up", "student_only", "LLaVA-CKD's student beats the student alone"),
 )
 
 
