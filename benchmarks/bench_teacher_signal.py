@@ -22,6 +22,7 @@ In one run:
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,13 +274,16 @@ def main() -> None:
               "quickstart's losses need its step exports)")
         return
     steps = {path.name.split("-", 1)[1]: path / "model" for path in sorted((args.run / "steps").iterdir())}
-    for teacher_step, student_step in (("prepare-ta-FT", "s1-ta_to_student-SFT"), ("prepare-teacher-FT", "s2-teacher_to_student-SFT")):
-        teacher, student = load_model(str(steps[teacher_step])).eval(), load_model(str(steps[student_step])).eval()
+    # The prepared teachers as the run used them: its own preparation's exports, or the shared
+    # prepared runs' (`cascade.share_prepared_teachers`); the manifest's roles name either.
+    roles = json.loads((args.run / "manifest.json").read_text())["roles"]
+    for role, student_step in (("ta", "s1-ta_to_student-SFT"), ("teacher", "s2-teacher_to_student-SFT")):
+        teacher, student = load_model(roles[role]).eval(), load_model(str(steps[student_step])).eval()
         errors = error_rows(tiny_cases(teacher, student, args.benchmark, args.samples), generator)
-        print("\n".join(["", f"### Error against full logits, {teacher_step} teacher vs the {student_step} student "
+        print("\n".join(["", f"### Error against full logits, the prepared {role} vs the {student_step} student "
                              f"(vocabulary {teacher.config.text_config.vocab_size}, {args.samples} val samples, response + visual positions)", ""]
                         + error_table(errors)), flush=True)
-    teacher = load_model(str(steps["prepare-teacher-FT"])).eval()
+    teacher = load_model(roles["teacher"]).eval()
     student = load_model(str(steps["s2-teacher_to_student-SFT"])).eval()
     v1 = SignalSpec(response_top_k=16, visual_top_k=16, gram=True)  # configs/tiny_cascade.yaml
     payloads = [("v1 top-16 (quickstart)", v1), ("v2 top-16", v1.model_copy(update={"version": 2})),
