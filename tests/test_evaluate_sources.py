@@ -256,7 +256,7 @@ def test_the_sets_are_converted_in_the_run_folder_and_read_with_their_images(set
 
 
 def test_an_evaluation_that_selects_nothing_is_refused_before_ray_starts(sets, tmp_path, monkeypatch):
-    from ckd_ray.cascade import runner
+    from ckd_ray.cascade import runner, session
 
     unlabeled = tmp_path / "llava_instruct.json"  # LLaVA-1.5 instruction records carry no `split`
     unlabeled.write_text(json.dumps([{"id": "a", "image": "COCO_val2014_000000000042.jpg",
@@ -291,7 +291,7 @@ def test_an_evaluation_that_selects_nothing_is_refused_before_ray_starts(sets, t
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the evaluation was checked")
 
-    monkeypatch.setattr(runner, "connect_ray", no_ray)
+    monkeypatch.setattr(session, "connect_ray", no_ray)
     with pytest.raises(ConfigError) as raised:
         runner.run_cascade(job, log=lambda line: None, progress=False)
     (problem,) = raised.value.problems
@@ -333,10 +333,10 @@ def test_ckd_ray_eval_prints_the_problem_and_exits_2_before_ray_starts(sets, tmp
     import yaml
     from click.testing import CliRunner
 
-    from ckd_ray.cascade import runner
+    from ckd_ray.cascade import session
     from ckd_ray.cli import main
 
-    monkeypatch.setattr(runner, "connect_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
+    monkeypatch.setattr(session, "connect_ray", lambda *args, **kwargs: pytest.fail("Ray was started"))
     config = tmp_path / "held_out.yaml"
     config.write_text(yaml.safe_dump(job_with([{**source_specs(sets)[1], "split": "val"}], tmp_path)))
     result = CliRunner().invoke(main, ["eval", str(config)])

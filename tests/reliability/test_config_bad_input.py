@@ -241,12 +241,12 @@ def test_cli_config_check_lists_every_problem_without_a_traceback(tmp_path):
 
 
 def test_cli_cascade_stops_on_missing_storage_before_ray_starts(tmp_path, s3_server, monkeypatch):
-    import ckd_ray.cascade.runner as runner
+    import ckd_ray.cascade.session as session
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not start for a job whose storage is missing")
 
-    monkeypatch.setattr(runner, "connect_ray", no_ray)
+    monkeypatch.setattr(session, "connect_ray", no_ray)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job(data={"benchmark_root": str(tmp_path / "absent")}, storage={"root": "s3://ckd-absent/runs"})))
     for command in (["cascade", str(path)], ["tune", str(path)], ["eval", str(path)]):
