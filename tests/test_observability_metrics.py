@@ -182,7 +182,7 @@ def test_every_tag_set_is_accepted_by_rays_metrics_in_an_actor(ray_local):
             pool.record_batch(2, 0.01, 10)
             pool.actor_started()
             pool.set_actors_alive(1)
-            m.StudentMetrics("j", "s", "t", "0").record_step(0.1, 0.01, 5, {"task": 1.0}, 1e-3)
+            m.StudentMetrics("j", "s", "t", "0").record_step(0.1, 0.01, 5, {"task": 1.0}, 1e-3, fusion_weights={("output", "ta"): 0.5})
             m.StudentMetrics("j", "s", "t", "0").record_checkpoint(1.0)
             m.DataMetrics("j", "s", "t").record_rejects(1, "bad")
             m.DataMetrics("j", "s", "t").record_samples(1)

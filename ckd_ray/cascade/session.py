@@ -19,6 +19,12 @@ from ckd_ray.cascade.plan import build_plan
 from ckd_ray.cascade.prepared import RunJob, job_as_run
 from ckd_ray.config.cascade import CONTROL_ROLE
 from ckd_ray.config.job import JobConfig, RayConfig
+# torch and transformers are loaded with the module, before Ray is joined. Loaded after, in a job
+# submitted with `ray job submit`, libtorch failed to load (`Intel oneMKL FATAL ERROR: Cannot load
+# libtorch_cpu.so`, exit 2) and transformers' import stopped on a working directory that was no
+# longer there (`FileNotFoundError` in `Path("src").resolve()`): both imports were implicit in the
+# runner until the planner stopped importing torch.
+from ckd_ray.models.builder import build_preset, save_model
 
 
 @dataclass
@@ -132,8 +138,6 @@ def quiet_data_progress() -> None:
 def initial_checkpoints(job: JobConfig, manifest: Manifest, processor_uri: str, run_uri: str, log, roles=None) -> None:
     """Every role the plan uses starts from a model directory: presets are built (seeded) and
     saved into the run folder once; given paths are used as they are."""
-    from ckd_ray.models import build_preset, save_model
-
     for offset, (role, spec) in enumerate(sorted(job.models.items())):
         if role in manifest.roles or (roles is not None and role not in roles):
             continue
