@@ -4,6 +4,8 @@ Component sections import `ckd_ray.section` only; the root tree is imported lazi
 that components never import each other through this package.
 """
 
+from ckd_ray.lazy import lazy_exports
+
 _EXPORTS = {
     "JobConfig": "ckd_ray.config.job",
     "RayConfig": "ckd_ray.config.job",
@@ -16,11 +18,4 @@ _EXPORTS = {
     "validate_config": "ckd_ray.config.loader",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -8,41 +8,36 @@ One function per term (``task_loss``, ``kl_loss_topk`` / ``kl_loss_sparse`` / ``
 The names below load on first use: a section of the config tree (`ckd_ray.losses.config`) is
 imported without torch, so the planner and every config check run without it."""
 
-from importlib import import_module
+from ckd_ray.lazy import lazy_exports
 
 _EXPORTS = {
-    "DEFAULT_CHUNK_SIZE": "kl",
-    "FUSION_PREFIX": "composite",
-    "FeatureProjection": "feature",
-    "FusedTeacherSignal": "composite",
-    "IGNORE_INDEX": "task",
-    "KLDirection": "kl",
-    "KL_DIRECTIONS": "kl",
-    "NonFiniteLossError": "composite",
-    "SparseLogits": "logits",
-    "StudentOutputs": "composite",
-    "TERM_NAMES": "composite",
-    "TeacherSignalBatch": "composite",
-    "TopKLogits": "logits",
-    "attention_loss": "attention",
-    "cut_vocab": "kl",
-    "distillation_loss": "composite",
-    "fact_log_probs": "knowledge",
-    "feature_loss": "feature",
-    "gather_visual_keys": "attention",
-    "kl_loss_dense": "kl",
-    "kl_loss_sparse": "kl",
-    "kl_loss_topk": "kl",
-    "knowledge_loss": "knowledge",
-    "soften_fact_log_probs": "knowledge",
-    "task_loss": "task",
-    "visual_relation_loss": "relation",
+    "DEFAULT_CHUNK_SIZE": ".kl",
+    "FUSION_PREFIX": ".composite",
+    "FeatureProjection": ".feature",
+    "FusedTeacherSignal": ".composite",
+    "IGNORE_INDEX": ".task",
+    "KLDirection": ".kl",
+    "KL_DIRECTIONS": ".kl",
+    "NonFiniteLossError": ".composite",
+    "SparseLogits": ".logits",
+    "StudentOutputs": ".composite",
+    "TERM_NAMES": ".composite",
+    "TeacherSignalBatch": ".composite",
+    "TopKLogits": ".logits",
+    "attention_loss": ".attention",
+    "cut_vocab": ".kl",
+    "distillation_loss": ".composite",
+    "fact_log_probs": ".knowledge",
+    "feature_loss": ".feature",
+    "gather_visual_keys": ".attention",
+    "kl_loss_dense": ".kl",
+    "kl_loss_sparse": ".kl",
+    "kl_loss_topk": ".kl",
+    "knowledge_loss": ".knowledge",
+    "soften_fact_log_probs": ".knowledge",
+    "task_loss": ".task",
+    "visual_relation_loss": ".relation",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -3,31 +3,26 @@
 The names below load on first use: `ckd_ray.models.config` and `.presets` (read by the config
 tree and its checks) are imported without torch and transformers."""
 
-from importlib import import_module
+from ckd_ray.lazy import lazy_exports
 
 _EXPORTS = {
-    "FREEZE_POLICIES": "builder",
-    "ModelSpec": "config",
-    "PRESETS": "presets",
-    "REAL_PRESETS": "presets",
-    "TINY_PRESETS": "presets",
-    "VocabularyMismatchError": "builder",
-    "apply_freeze": "builder",
-    "build_preset": "builder",
-    "count_parameters": "builder",
-    "load_model": "builder",
-    "load_spec": "builder",
-    "num_image_tokens": "builder",
-    "preset_config": "builder",
-    "save_model": "builder",
-    "shared_vocab_size": "builder",
-    "vocab_fingerprint": "builder",
+    "FREEZE_POLICIES": ".builder",
+    "ModelSpec": ".config",
+    "PRESETS": ".presets",
+    "REAL_PRESETS": ".presets",
+    "TINY_PRESETS": ".presets",
+    "VocabularyMismatchError": ".builder",
+    "apply_freeze": ".builder",
+    "build_preset": ".builder",
+    "count_parameters": ".builder",
+    "load_model": ".builder",
+    "load_spec": ".builder",
+    "num_image_tokens": ".builder",
+    "preset_config": ".builder",
+    "save_model": ".builder",
+    "shared_vocab_size": ".builder",
+    "vocab_fingerprint": ".builder",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,17 +6,12 @@ The config tree imports `ckd_ray.train.config`, so the runner is imported lazily
 imports the config tree itself).
 """
 
+from ckd_ray.lazy import lazy_exports
+
 _EXPORTS = {
     "StepResult": "ckd_ray.train.run",
     "TrainStep": "ckd_ray.train.run",
     "run_steps": "ckd_ray.train.run",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
