@@ -151,6 +151,44 @@ def test_split_pool_gives_steps_disjoint_shares_and_a_curriculum_its_levels_cumu
     assert list(curriculum[2]) == [0, 1, 3, 4, 7, 8, 9, 11]
 
 
+def test_experiment_runs_side_by_side_start_in_order_at_most_parallel_at_once_and_stop_starting_after_a_failure():
+    """`run_side_by_side` (no Ray): every (seed, run) once, never more than `parallel` running, started
+    in the table's order, results by (seed, name) whatever order they finish in; after a failure no
+    new run starts, the running one finishes (its work kept), and the error reaches the caller."""
+    import threading
+    from types import SimpleNamespace
+
+    from ckd_ray.cascade.experiment import run_side_by_side
+
+    work = [(seed, SimpleNamespace(name=name)) for seed in (0, 1) for name in ("a", "b", "c")]
+    started, running, peak, lock = [], [0], [0], threading.Lock()
+
+    def run_one(seed, run, fail=None):
+        with lock:
+            started.append((seed, run.name))
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05 if run.name != "a" else 0.15)  # "a" ends after "b" started: out of order
+        with lock:
+            running[0] -= 1
+        if (seed, run.name) == fail:
+            raise RuntimeError(f"run {run.name} s{seed} failed")
+        return (seed, run.name, "done")
+
+    lines = []
+    done = run_side_by_side(work, run_one, 2, lines.append)
+    assert done == {(seed, name): (seed, name, "done") for seed in (0, 1) for name in ("a", "b", "c")}
+    assert peak[0] == 2 and started[:2] == [(0, "a"), (0, "b")] and sorted(started) == sorted(done)
+    assert len([line for line in lines if "done in" in line]) == 6 and lines[-1].endswith("(6/6 runs)")
+
+    started.clear()
+    with pytest.raises(RuntimeError, match="run b s0 failed"):
+        run_side_by_side(work, lambda seed, run: run_one(seed, run, fail=(0, "b")), 2)
+    assert started[:2] == [(0, "a"), (0, "b")] and len(started) < len(work)  # "a" finished; nothing new after "b" failed
+    started.clear()
+    assert run_side_by_side(work[:2], run_one, 1) and started == [(0, "a"), (0, "b")]  # one at a time: this thread, in order
+
+
 def test_experiment_rows_see_the_same_distinct_samples_per_hop_level_as_the_rows_they_are_compared_with(kvqa_dir):
     """The planned reads of `cascade.disjoint_data` (no Ray): LLaVA-CKD's six steps and LLaVA-KD's
     three read the same distinct captions and instructions per hop level, as do the progressive and

@@ -75,6 +75,24 @@ def test_the_experiment_budget_rule_gives_every_row_the_same_student_steps():
         _run_config(base, experiment, experiment.runs[1], 0, teachers)
 
 
+def test_experiment_runs_side_by_side_share_the_cores_but_the_teachers_recipe_does_not_change():
+    """`parallel_runs: 2` gives each row's worker half of the base config's CPUs (the table's
+    2-core machine: one each); the teachers' preparation keeps the base's, so its digest, and
+    the prepared teachers it names, stay the same; `--set` still has the last word."""
+    from ckd_ray.cascade.experiment import _prepared_base, _run_config, load_experiment
+
+    teachers = {"ta": "preset", "teacher": "preset"}
+    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml")
+    assert experiment.parallel_runs == 2 and base["trainer"]["cpus_per_worker"] == 2
+    assert {validate_config(_run_config(base, experiment, run, 0, teachers)).trainer.cpus_per_worker for run in experiment.runs} == {1}
+    assert validate_config(_prepared_base(base, experiment)).trainer.cpus_per_worker == 2
+    experiment, base = load_experiment(CONFIGS / "kvqa_table.yaml", ["trainer.cpus_per_worker=2"])
+    assert validate_config(_run_config(base, experiment, experiment.runs[0], 0, teachers)).trainer.cpus_per_worker == 2
+    experiment.parallel_runs = 4  # never below one CPU
+    experiment._command_overrides = []
+    assert validate_config(_run_config(base, experiment, experiment.runs[0], 0, teachers)).trainer.cpus_per_worker == 1
+
+
 def test_the_teachers_are_prepared_once_for_every_seed_in_runs_named_by_their_config():
     from ckd_ray.cascade.experiment import _prepared_base, load_experiment
     from ckd_ray.cascade.prepared import preparation_config

@@ -14,6 +14,7 @@ level) each row's student had, and where the time went.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,14 @@ class ExperimentConfig(Section):
     every step (rows then differ in student steps)."""
     runs: list[ExperimentRun] = Field(min_length=1)
     """The table's rows."""
+    parallel_runs: int = Field(1, ge=1)
+    """Runs (seed x row) trained side by side in the one Ray, in the order seeds x rows. Each
+    run's workers then get `trainer.cpus_per_worker // parallel_runs` CPUs (at least 1), so the
+    runs share the cores one run would have had: on 2 cores two one-thread workers train about
+    1.35x the samples per second of one two-thread worker (a small model's matrices keep two
+    threads of one process apart half the time), and one run's teacher pass, worker start and
+    evaluations fill the other's waits. Their numbers are those of 1-CPU workers (torch sums in
+    another order on one thread than on two): a row's scores move within its seed spread."""
     _command_overrides: list[str] = PrivateAttr(default_factory=list)
     """`--set` overrides of the command line, applied to every run last (see `load_experiment`)."""
 
@@ -128,6 +137,12 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
                                        "choose a multiple of every row's student step count (240 suits 2, 3, 5 and 6)")],
                               f"experiment {experiment.name}")
         raw["trainer"] = {**raw.get("trainer", {}), "max_steps": experiment.student_steps // count}
+    if experiment.parallel_runs > 1:  # the runs side by side share the cores one run would have had
+        from ckd_ray.train.config import TrainerConfig
+
+        trainer = raw.get("trainer", {})
+        cpus = trainer.get("cpus_per_worker", TrainerConfig.model_fields["cpus_per_worker"].default)
+        raw["trainer"] = {**trainer, "cpus_per_worker": max(1, cpus // experiment.parallel_runs)}
     raw = _apply(raw, experiment.command_overrides)
     raw["name"] = f"{experiment.name}-{run.name}-s{seed}"
     raw["seed"] = seed
@@ -201,29 +216,40 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     rows: dict[str, _Row] = {run.name: _Row() for run in experiment.runs}
     stage_rows: dict[str, list[dict]] = {}
     catalogs: dict = {}  # one catalog pass per source for every row's planned reads
-    for seed in experiment.seeds:
-        for run in experiment.runs:
-            job = validate_config(_run_config(base, experiment, run, seed, teachers))
-            log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
-            copy_teacher_scores(job, prepared.values())
-            clock = time.perf_counter()
-            run_cascade(job, log=log)
-            wall = time.perf_counter() - clock
-            manifest = Manifest.open(job.run_uri, job)
-            student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")][-1]
-            row = rows[run.name]
-            row.scores.append(student["scores"])
-            row.records.append(_read_records(student["predictions_uri"]))
-            row.steps.append(_student_total(manifest, "step"))
-            row.samples.append(_student_total(manifest, "samples_seen"))
-            plan = build_plan(job)
-            reads = StepData(job, job.run_uri, catalogs).planned_reads(plan)
-            row.distinct.append(distinct_samples([reads[p.step_id] for p in plan if p.learner == "student"]))
-            row.seconds.append({"wall": wall, **_recorded_seconds(manifest)})
-            if run.plan in ("progressive", "end_to_end"):
-                for name, entry in manifest.evaluations.items():
-                    if name.endswith("(student)"):
-                        stage_rows.setdefault(f"{run.name}: {name.removesuffix(' (student)')}", []).append(entry["scores"])
+    side_by_side = experiment.parallel_runs > 1
+
+    def run_one(seed: int, run: ExperimentRun) -> dict:
+        job = validate_config(_run_config(base, experiment, run, seed, teachers))
+        row_log = (lambda line: log(f"[{run.name} s{seed}] {line}")) if side_by_side else log
+        log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
+        copy_teacher_scores(job, prepared.values())
+        clock = time.perf_counter()
+        # Side by side, one bar per run would overwrite the other's: the step lines show progress.
+        run_cascade(job, log=row_log, progress=not side_by_side)
+        wall = time.perf_counter() - clock
+        manifest = Manifest.open(job.run_uri, job)
+        student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")][-1]
+        plan = build_plan(job)
+        reads = StepData(job, job.run_uri, catalogs).planned_reads(plan)
+        stages = {}
+        if run.plan in ("progressive", "end_to_end"):
+            stages = {f"{run.name}: {name.removesuffix(' (student)')}": entry["scores"]
+                      for name, entry in manifest.evaluations.items() if name.endswith("(student)")}
+        return {"scores": student["scores"], "records": _read_records(student["predictions_uri"]),
+                "steps": _student_total(manifest, "step"), "samples": _student_total(manifest, "samples_seen"),
+                "distinct": distinct_samples([reads[p.step_id] for p in plan if p.learner == "student"]),
+                "seconds": {"wall": wall, **_recorded_seconds(manifest)}, "stages": stages}
+
+    clock = time.perf_counter()
+    work = [(seed, run) for seed in experiment.seeds for run in experiment.runs]
+    done = run_side_by_side(work, run_one, experiment.parallel_runs, log)
+    times["runs"] = time.perf_counter() - clock
+    for seed, run in work:  # in table order, whichever finished first
+        result, row = done[(seed, run.name)], rows[run.name]
+        for key in ("scores", "records", "steps", "samples", "distinct", "seconds"):
+            getattr(row, key).append(result[key])
+        for label, scores in result["stages"].items():
+            stage_rows.setdefault(label, []).append(scores)
     clock = time.perf_counter()
     comparisons = _comparisons(experiment, rows, prepared_records)
     times["statistics"] = time.perf_counter() - clock
@@ -238,6 +264,52 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     }, indent=2).encode())
     log(table)
     return storage.join(root, "table.md")
+
+
+def run_side_by_side(work: list[tuple], run_one, parallel: int, log=print) -> dict:
+    """Calls `run_one(seed, run)` for every (seed, run) of `work`, `parallel` at a time, each on a
+    thread of this driver (a run's driver mostly waits on its worker group, its teacher pass and
+    its evaluations, all Ray's), starting them in `work`'s order; returns the results by
+    (seed, run name). After a run fails no new run starts; the ones running finish (each is
+    resumable, so their work is kept) and the first error is raised. The threads are daemons: on
+    Ctrl-C the command ends at once and Ray's shutdown stops their workers."""
+    results: dict = {}
+    errors: list[BaseException] = []
+    pending = list(work)
+    lock = threading.Lock()
+    total = len(work)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errors or not pending:
+                    return
+                seed, run = pending.pop(0)
+            clock = time.perf_counter()
+            try:
+                result = run_one(seed, run)
+            except BaseException as err:  # raised on the caller's thread below
+                with lock:
+                    errors.append(err)
+                return
+            with lock:
+                results[(seed, run.name)] = result
+                finished = len(results)
+            if parallel > 1:
+                log(f"[experiment] seed {seed}: {run.name} done in {time.perf_counter() - clock:.0f} s ({finished}/{total} runs)")
+
+    if parallel <= 1:
+        worker()
+    else:
+        threads = [threading.Thread(target=worker, name=f"ckd-experiment-{i}", daemon=True) for i in range(min(parallel, total))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():  # join with a timeout, so Ctrl-C reaches this thread
+                thread.join(timeout=0.5)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _read_records(uri: str) -> list[dict]:
@@ -399,7 +471,9 @@ def _time_lines(experiment: ExperimentConfig, rows: dict[str, _Row], times: dict
     lines = ["", "## Where the time went", "",
              f"This command: {times['total']:,.0f} s in all (Ray started once: {times['ray_start']:.0f} s; statistics "
              f"{times['statistics']:.0f} s). Recorded: seconds each run logged when its steps and evaluations ran, summed "
-             f"over seeds; training is everything of a step but its teacher pass and the worker group's start.", "",
+             f"over seeds; training is everything of a step but its teacher pass and the worker group's start."
+             + (f" The runs took {times['runs']:,.0f} s, {experiment.parallel_runs} side by side (`parallel_runs`): their wall "
+                f"times below overlap." if experiment.parallel_runs > 1 and "runs" in times else ""), "",
              "| part | wall, this command (s) | " + " | ".join(f"recorded {p.replace('_', ' ')}" + ("" if p == "worker_groups" else " (s)")
                                                         for p in TIME_PARTS) + " |",
              "|---|---:|" + "---:|" * len(TIME_PARTS),
