@@ -68,7 +68,10 @@ def test_the_student_alone_control_mirrors_the_student_steps_without_a_teacher()
     distilled, control = steps[:6], steps[6:]
     assert [(s.learner, s.kind) for s in control] == [("student_alone", k) for k in ("PT", "SFT", "FT", "PT", "SFT", "FT")]
     assert all(s.teacher is None and s.loss.weights.active() == ["task"] for s in control)
-    assert {s.stage.label for s in control} == {"student-alone"} and {s.stage_index for s in control} == {2}
+    # One control stage per student stage, each scored where it ends: the control at the same
+    # optimizer steps as the student after TA -> student, and after teacher -> student.
+    assert [(s.stage.label, s.stage_index) for s in control] == [("student-alone-1", 2)] * 3 + [("student-alone", 3)] * 3
+    assert [s.step_id for s in control][2:4] == ["08-student-alone-1-FT", "09-student-alone-PT"]
     # Same data kind, budget and learning rate as the student step it mirrors.
     assert [s.data_kind for s in control] == [s.data_kind for s in distilled]
     trainer_lr = job("bottom_up").trainer.lr
@@ -292,7 +295,7 @@ def test_killed_cascade_resumes_at_the_step_it_was_in(kvqa_dir, tmp_path, random
     assert manifest["roles"]["student_alone"].endswith("03-student-alone-FT/model")
     report = (run / "report.md").read_text()
     assert "loss_terms.png" in report and (run / "loss_terms.png").exists()
-    assert "| student-alone (student_alone) |" in report
+    assert "| student-alone (student_alone) |" in report and "`student-alone` (the control)" in report
     # The scores stand beside the no-model baselines on the same samples, headline first.
     for row in ("| baseline: chance |", "| baseline: majority per type |", "| baseline: question-only |", "| checkpoint | grounded | margin |"):
         assert row in report, report

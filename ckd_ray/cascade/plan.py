@@ -83,7 +83,7 @@ def build_plan(job: JobConfig) -> list[PlannedStep]:
     for i, stage in enumerate(stages):
         for step in stage.steps:
             add(i, stage, step, f"s{i + 1}-{stage.label}")
-    control = job.cascade.control_stage(job.trainer.lr)
-    for step in control.steps if control else ():
-        add(len(stages), control, step, control.label)  # after the stages: tune searches never reach it
+    for i, control in enumerate(job.cascade.control_stages(job.trainer.lr), start=len(stages)):
+        for step in control.steps:
+            add(i, control, step, control.label)  # after the stages: tune searches never reach it
     return steps

@@ -125,7 +125,8 @@ class CascadeConfig(Section):
     """Also train the control the papers compare with: the student alone, from the same initial
     checkpoint, through the same steps as the plan's student steps with every teacher term
     removed (DPT becomes PT, DFT becomes FT, with the same budgets and learning rates), after the
-    plan; it is scored as the `student-alone` row of the report, so the distilled students stand
+    plan; it is scored where each student stage's steps end (`student-alone-1`, ..., and
+    `student-alone` after all of them, rows of the report), so every distilled student stands
     beside a student trained on the same optimizer steps without a teacher."""
     disjoint_data: bool = False
     """Each learner's steps read disjoint shares of one pool of the training data instead of each
@@ -166,17 +167,24 @@ class CascadeConfig(Section):
         """The stages to run: the listed ones, or the named plan's."""
         return self.stages if not self.plan else plan_stages(self.plan)
 
-    def control_stage(self, lr: dict[str, float]) -> StageConfig | None:
-        """The student-alone control (`student_alone`), or None: one stage, learner
-        `CONTROL_ROLE`, whose steps mirror the student steps of every stage without a teacher,
-        each at the learning rate the student step has (`lr`: trainer.lr, per step kind)."""
+    def control_stages(self, lr: dict[str, float]) -> list[StageConfig]:
+        """The student-alone control (`student_alone`), or []: learner `CONTROL_ROLE`, one stage
+        per student stage, whose steps mirror that stage's without a teacher, each at the
+        learning rate the student step has (`lr`: trainer.lr, per step kind). Each is scored
+        where it ends, so every distilled student has the control at the same optimizer steps
+        beside it: `student-alone-1` after the first student stage's steps, ..., and
+        `student-alone` after all of them."""
         if not self.student_alone:
-            return None
+            return []
         student = [stage for stage in self.resolved_stages() if stage.learner == "student"]
-        steps = [step.model_copy(update={"kind": ALONE_KIND.get(step.kind, step.kind), "loss": None, "lr": step.lr or lr[step.kind]})
-                 for stage in student for step in stage.steps]
         hops = student[0].hop_levels if student else None
-        return StageConfig(name="student-alone", learner=CONTROL_ROLE, teacher=None, teachers=[], steps=steps, hop_levels=hops)
+        out = []
+        for number, stage in enumerate(student, start=1):
+            steps = [step.model_copy(update={"kind": ALONE_KIND.get(step.kind, step.kind), "loss": None, "lr": step.lr or lr[step.kind]})
+                     for step in stage.steps]
+            name = "student-alone" if number == len(student) else f"student-alone-{number}"
+            out.append(StageConfig(name=name, learner=CONTROL_ROLE, teacher=None, teachers=[], steps=steps, hop_levels=hops))
+        return out
 
 
 def default_weights(kind: str):

@@ -142,6 +142,10 @@ def _scores_table(manifest) -> list[str]:
         return []
     models = {name: (entry["scores"], entry.get("knowledge_preservation")) for name, entry in manifest.evaluations.items()}
     lines = ["## Scores (test split)", "", *HEADLINE_NOTE, "", *scores_table(models, getattr(manifest, "baselines", {}))]
+    if any(name.startswith("student-alone") for name in models):
+        lines += ["", "`student-alone` (the control): the same student trained without a teacher through the same steps and "
+                  "optimizer steps as the distilled student's; `student-alone-N`: through the steps of the "
+                  "student's first N stages only, beside the student after its stage N."]
     if any("predictions_uri" in entry for entry in manifest.evaluations.values()):
         lines += ["", "Every answer with its reference: `evaluations/<checkpoint>.jsonl` (one JSON record per sample)."]
     return lines + [""]
