@@ -381,6 +381,9 @@ def test_the_shared_preparation_run_is_named_by_what_it_computes(composed):
 
 @pytest.mark.slow
 @pytest.mark.ray
+# 150 s, the default run's longest: CI's second stage, whose Ray-fixture tests end well before its
+# README test, so it costs that stage nothing and keeps the default run under 12 min.
+@pytest.mark.stage2
 def test_teachers_prepared_once_are_reused_by_a_later_job_with_the_same_recipe(ray_local, kvqa_dir, composed, tmp_path):
     from ckd_ray import run_cascade
 
