@@ -77,10 +77,11 @@ class ExperimentConfig(Section):
     """Runs (seed x row) trained side by side in the one Ray, in the order seeds x rows. Each
     run's workers then get `trainer.cpus_per_worker // parallel_runs` CPUs (at least 1), so the
     runs share the cores one run would have had; the teachers' preparation keeps the base
-    config's (and its recipe). A small model's step keeps two threads of one process apart part
-    of the time, which a second process fills: on 2 cores the three-seed table took 37 min at 2
-    against about 47 one at a time. Their scores are those of 1-CPU workers, which may differ
-    in the last digits from a 2-CPU run's where torch sums in another order."""
+    config's (and its recipe). The cores stay busy either way (a student's worker spends about
+    90% of its time in forward and backward), so the gain is what one run leaves idle: on 2
+    cores the three-seed table took 37 min at 2 against about 47 one at a time. Their scores are
+    those of 1-CPU workers, which may differ in the last digits from a 2-CPU run's where torch
+    sums in another order."""
     _command_overrides: list[str] = PrivateAttr(default_factory=list)
     """`--set` overrides of the command line, applied to every run last (see `load_experiment`)."""
 
