@@ -260,6 +260,47 @@ def test_feature_and_attention_terms_get_hidden_states_eager_attention_and_a_pro
     assert all(torch.isfinite(value) for value in terms.values())
 
 
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_a_step_in_length_groups_trains_as_the_padded_batch_does(zero_stage, process_group, tmp_path):
+    """The student's forward in length groups (`trainer.length_buckets`) runs the engine once per
+    group before one backward: after two optimizer steps the loss terms and weights match the
+    padded batch's to float32 rounding, under every ZeRO stage."""
+    pytest.importorskip("deepspeed")
+    from ckd_ray.losses.config import LossConfig
+    from ckd_ray.models import build_preset, save_model
+    from safetensors.torch import load_file
+
+    from ckd_ray.train.checkpoint import MODEL_DIR, write_checkpoint
+    from ckd_ray.train.loop import train_step
+
+    save_model(build_preset("tiny-student", seed=0), tmp_path / "init")
+    loss = LossConfig(weights={"task": 1.0, "feature": 1.0}, feature_layers={1: 2})
+    batches = []
+    for seed in range(4):
+        batch, signal = _micro_batch(seed, torch.float32)
+        batch.attention_mask_BL[1, 19:] = 0  # row 1 is 19 tokens of the batch's 24
+        batch.target_ids_BL[1, 18:] = -100
+        batch.response_mask_BL = batch.target_ids_BL != -100
+        batches.append((batch, signal))
+    from ckd_ray.models.buckets import plan_buckets
+
+    assert len(plan_buckets(np.array([24, 19]), 2)) == 2
+    weights, terms = {}, {}
+    for max_buckets in (1, 2):
+        engine = _engine(zero_stage, False, tmp_path / "init")
+        terms[max_buckets] = [train_step(engine, batch, signal, loss, max_buckets) for batch, signal in batches]
+        write_checkpoint(engine, TrainState(step=2), tmp_path / f"b{max_buckets}", processor_dir=tmp_path / "init", is_writer=True)
+        weights[max_buckets] = load_file(tmp_path / f"b{max_buckets}" / MODEL_DIR / "model.safetensors")
+    for whole, split in zip(terms[1], terms[2], strict=True):
+        for name in whole:
+            torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    changed = 0
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[2][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        changed += not torch.equal(value, load_file(tmp_path / "init" / "model.safetensors")[name])
+    assert changed  # the steps trained
+
+
 PACKED_CHECK = r"""
 import sys
 from ray import cloudpickle

@@ -108,6 +108,7 @@ def plan_step(
             warmup_steps=warmup_steps_for(total_steps, trainer.warmup_ratio),
         ),
         micro_batch_size=trainer.micro_batch_size,
+        length_buckets=trainer.length_buckets,
         grad_accum=trainer.grad_accum,
         grad_clip=trainer.grad_clip,
         zero_stage=trainer.zero_stage,

@@ -63,6 +63,10 @@ class TeacherPoolConfig(Section):
     """Actors the pool may grow to under load."""
     batch_size: int = Field(16, ge=1)
     """Samples per teacher forward."""
+    length_buckets: int = Field(3, ge=1, le=16)
+    """Each batch's forward runs in at most this many groups of rows of similar length, each
+    trimmed to its own longest row: the padded batch's signal without computing most of its
+    padding (`ckd_ray.models.buckets`). 1: one forward over the padded batch."""
     resources: dict[str, float] = {}
     """Custom Ray resources per actor, e.g. {teacher_gpu: 1} so actors land on the teacher node
     type of cluster/autoscaler-aws.yaml (empty: any node with the CPUs/GPUs)."""

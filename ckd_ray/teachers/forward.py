@@ -14,6 +14,7 @@ import torch
 from ckd_ray.losses.attention import gather_visual_keys
 from ckd_ray.losses.knowledge import fact_log_probs
 from ckd_ray.models import num_image_tokens
+from ckd_ray.models.buckets import forward_by_length
 from ckd_ray.teachers.config import SignalSpec
 from ckd_ray.teachers.packed import PackedRows, concat_rows, encode_rows, pack_triangle, select_rows
 from ckd_ray.teachers.signal import to_wire, topk_with_tail
@@ -23,15 +24,18 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
 class TeacherForward:
     """Computes the signal of `spec` with a loaded, frozen teacher. `shared_vocab_size` cuts a
-    padded vocabulary to the range the student shares; `rows_per_chunk` bounds LM-head memory."""
+    padded vocabulary to the range the student shares; `rows_per_chunk` bounds LM-head memory;
+    `max_buckets`: the forward runs in at most this many groups of rows of similar length
+    (`ckd_ray.models.buckets`; positions past a row's length then hold zeros, which no loss reads)."""
 
-    def __init__(self, model, spec: SignalSpec, shared_vocab_size: int, *, rows_per_chunk: int = 512):
+    def __init__(self, model, spec: SignalSpec, shared_vocab_size: int, *, rows_per_chunk: int = 512, max_buckets: int = 1):
         self.model = model.eval()
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.spec = spec
         self.vocab_size = shared_vocab_size
         self.rows_per_chunk = rows_per_chunk
+        self.max_buckets = max_buckets
         self.device = next(model.parameters()).device
         # Fixed per model, so signal columns keep one shape across batches (Arrow tensor columns).
         self.num_visual = num_image_tokens(model.config)
@@ -47,16 +51,18 @@ class TeacherForward:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.spec
         seq_len = batch["input_ids"].shape[1]
-        used = int(batch["attention_mask"].sum(axis=1).max())  # trim right padding
-        inputs = {
-            "input_ids": torch.as_tensor(batch["input_ids"][:, :used], dtype=torch.long, device=self.device),
-            "attention_mask": torch.as_tensor(batch["attention_mask"][:, :used], dtype=torch.long, device=self.device),
-            "pixel_values": torch.as_tensor(batch["pixel_values"], device=self.device).to(self.model.dtype),
-        }
+        row_lengths = batch["attention_mask"].sum(axis=1)
+        used = int(row_lengths.max())  # trim right padding
         response_BL = torch.as_tensor(batch["response_mask"][:, :used], device=self.device)
         visual_BL = torch.as_tensor(batch["visual_mask"][:, :used], device=self.device)
-        out = self.model.model(
-            **inputs,
+        out = forward_by_length(
+            self.model.model,
+            input_ids=torch.as_tensor(batch["input_ids"][:, :used], dtype=torch.long, device=self.device),
+            attention_mask=torch.as_tensor(batch["attention_mask"][:, :used], dtype=torch.long, device=self.device),
+            pixel_values=torch.as_tensor(batch["pixel_values"], device=self.device).to(self.model.dtype),
+            pixel_rows=np.arange(len(row_lengths)),  # every row's image, as the whole batch's forward is given
+            row_lengths=row_lengths,
+            max_buckets=self.max_buckets,
             output_hidden_states=bool(spec.feature_layers),
             output_attentions=bool(spec.attention_layers),
             return_dict=True,

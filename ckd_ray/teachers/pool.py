@@ -35,10 +35,10 @@ class TeacherActor:
     """A frozen teacher: loads once (eval mode, no grad, bf16 on GPU), adds the compressed signal
     of `spec` to every batch it is given, and counts batches, latency and signal bytes."""
 
-    def __init__(self, source: TeacherSource, spec: SignalSpec):
+    def __init__(self, source: TeacherSource, spec: SignalSpec, max_buckets: int = 1):
         from ckd_ray.observability.metrics import GpuSampler, TeacherPoolMetrics
 
-        self.forward_pass = load_teacher_forward(source, spec)
+        self.forward_pass = load_teacher_forward(source, spec, max_buckets=max_buckets)
         self.metrics = TeacherPoolMetrics(**_metric_tags(source.labels))
         self.metrics.actor_started()
         self.gpu_sampler = GpuSampler("teacher", source.labels.get("job", ""), source.gpu_poll_seconds).start()
@@ -63,9 +63,10 @@ class TeacherActor:
             sampler.stop()
 
 
-def load_teacher_forward(source: TeacherSource, spec: SignalSpec, device=None):
+def load_teacher_forward(source: TeacherSource, spec: SignalSpec, device=None, max_buckets: int = 1):
     """The frozen teacher of `source` as a `TeacherForward` for `spec`, on `device` (default: the
-    GPU when there is one): bf16 on GPU unless `source.dtype` says otherwise."""
+    GPU when there is one): bf16 on GPU unless `source.dtype` says otherwise; each batch's
+    forward in at most `max_buckets` groups of rows of similar length (`ckd_ray.models.buckets`)."""
     import torch
 
     from ckd_ray.models.builder import load_model, resolve_dtype
@@ -79,7 +80,7 @@ def load_teacher_forward(source: TeacherSource, spec: SignalSpec, device=None):
         dtype=resolve_dtype(source.dtype, device.type == "cuda"),
         trust_remote_code=source.trust_remote_code,
     ).to(device)
-    return TeacherForward(model, spec, source.shared_vocab_size)
+    return TeacherForward(model, spec, source.shared_vocab_size, max_buckets=max_buckets)
 
 
 def _metric_tags(labels: dict[str, str]) -> dict[str, str]:
@@ -95,7 +96,7 @@ def add_teacher_stage(dataset, source: TeacherSource, spec: SignalSpec, pool: Te
 
     return dataset.map_batches(
         TeacherActor,
-        fn_constructor_kwargs={"source": source, "spec": spec},
+        fn_constructor_kwargs={"source": source, "spec": spec, "max_buckets": pool.length_buckets},
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         batch_size=pool.batch_size,
         batch_format="numpy",

@@ -24,9 +24,27 @@ class StudentBatch:
     num_samples: int
     num_tokens: int
     """Non-padding tokens in the batch (throughput)."""
+    row_lengths: np.ndarray | None = None
+    """Each row's real tokens, on the host (None: read from `attention_mask_BL`)."""
+    pixel_rows: np.ndarray | None = None
+    """Row -> its index in `pixel_values`, -1 for a row without image tokens (None: from `visual_mask_BL`)."""
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
         return {"input_ids": self.input_ids_BL, "attention_mask": self.attention_mask_BL, "pixel_values": self.pixel_values}
+
+    def forward(self, model, max_buckets: int, **options):
+        """`model`'s forward over this batch in at most `max_buckets` groups of rows of similar
+        length (`ckd_ray.models.buckets`): the padded batch's outputs, less the padding's compute."""
+        from ckd_ray.models.buckets import forward_by_length
+
+        row_lengths, pixel_rows = self.row_lengths, self.pixel_rows
+        if row_lengths is None:
+            row_lengths = self.attention_mask_BL.sum(dim=1).cpu().numpy()  # host sync
+        if pixel_rows is None:
+            has_image = self.visual_mask_BL.any(dim=1).cpu().numpy()  # host sync
+            pixel_rows = np.where(has_image, np.cumsum(has_image) - 1, -1)
+        return forward_by_length(model, **self.model_inputs(), pixel_rows=pixel_rows, row_lengths=row_lengths,
+                                 max_buckets=max_buckets, **options)
 
 
 def used_length(attention_mask_BL: np.ndarray) -> int:
@@ -57,4 +75,6 @@ def student_batch(batch: dict[str, np.ndarray], device: torch.device, pixel_dtyp
         visual_mask_BL=column("visual_mask", torch.bool),
         num_samples=len(has_image),
         num_tokens=int(np.asarray(batch["attention_mask"]).sum()),
+        row_lengths=np.asarray(batch["attention_mask"]).sum(axis=1),
+        pixel_rows=np.where(has_image, np.cumsum(has_image) - 1, -1),
     )

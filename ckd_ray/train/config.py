@@ -31,6 +31,11 @@ class TrainerConfig(Section):
     """auto = bf16 on GPU, fp32 on CPU (fp16 is not supported on CPU)."""
     micro_batch_size: int = Field(8, ge=1)
     """Samples per worker per forward."""
+    length_buckets: int = Field(3, ge=1, le=16)
+    """Each micro-batch's forward runs in at most this many groups of rows of similar length, each
+    trimmed to its own longest row: the padded batch's loss and gradients without computing most
+    of its padding (on the benchmark's instructions about 1.4x faster a step at 3 than at 1;
+    `ckd_ray.models.buckets`, benchmarks/RESULTS.md). 1: one forward over the padded batch."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
     grad_clip: float = Field(1.0, ge=0.0)

@@ -65,13 +65,15 @@ def ray_train_session() -> WorkerSession:
                          checkpoint=ray.train.get_checkpoint(), dataset_shard=ray.train.get_dataset_shard, report=report)
 
 
-def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: LossConfig) -> dict[str, torch.Tensor]:
-    """One micro-batch: student forward, weighted loss against the teacher signal, backward, and
+def train_step(engine, batch: StudentBatch, signal: TeacherSignalBatch, loss: LossConfig, max_buckets: int = 1) -> dict[str, torch.Tensor]:
+    """One micro-batch: student forward (in at most `max_buckets` groups of rows of similar
+    length, `StudentBatch.forward`), weighted loss against the teacher signal, backward, and
     DeepSpeed's step (which averages gradients across workers and applies clipping, AdamW and the
     lr schedule at the end of each gradient-accumulation window). Returns each loss term."""
     weights = loss.weights
-    outputs = engine(
-        **batch.model_inputs(),
+    outputs = batch.forward(
+        engine,
+        max_buckets,
         output_hidden_states=weights.feature > 0,
         output_attentions=weights.attention > 0,
         use_cache=False,
@@ -218,7 +220,7 @@ def run_one_step(plan: StepPlan, decode_signal: SignalDecoder | None, checkpoint
         at_boundary = engine.is_gradient_accumulation_boundary()  # before step() advances it
         lr = engine.get_lr()[0]
         signal = decode_signal(batch, device=device) if decode_signal else TeacherSignalBatch()
-        terms = train_step(engine, student_batch(batch, device, pixel_dtype), signal, plan.loss)
+        terms = train_step(engine, student_batch(batch, device, pixel_dtype), signal, plan.loss, plan.length_buckets)
         busy_s = time.perf_counter() - started
         phases.add("training", busy_s)
         window.add(terms, batch, busy_s=busy_s, waited_s=waited_s)
@@ -430,7 +432,7 @@ def validate(engine, columns: dict[str, np.ndarray], plan: StepPlan, device: tor
     for start in range(0, num_rows, plan.micro_batch_size):
         batch = {name: values[start : start + plan.micro_batch_size] for name, values in mine.items()}
         inputs = student_batch(batch, device, pixel_dtype)
-        logits_BLV = engine(**inputs.model_inputs(), use_cache=False).logits
+        logits_BLV = inputs.forward(engine, plan.length_buckets, use_cache=False).logits
         mask_BL = inputs.response_mask_BL & (inputs.target_ids_BL != IGNORE_INDEX)
         loss = task_loss(logits_BLV, inputs.target_ids_BL, inputs.response_mask_BL, chunk_size=plan.loss.chunk_size)
         correct = (logits_BLV[mask_BL].argmax(dim=-1) == inputs.target_ids_BL[mask_BL]).sum()

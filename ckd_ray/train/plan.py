@@ -70,6 +70,8 @@ class StepPlan:
     """The effective loss, weights resolved."""
     optimizer: OptimizerPlan
     micro_batch_size: int
+    length_buckets: int
+    """Each micro-batch's forward runs in at most this many groups of rows of similar length."""
     grad_accum: int
     grad_clip: float
     zero_stage: int
