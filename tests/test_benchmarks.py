@@ -119,3 +119,17 @@ def test_gpu_smoke_rehearsal_and_step_phases_on_its_run(ray_local, kvqa_dir, tmp
     assert len(rows) == 3 and rows[1].startswith("| 00-s1-teacher_to_student-DFT |") and rows[2].startswith("| **all steps** |")
     assert "compute share: **" in done.stdout and "% of this command's wall time** " in done.stdout  # from its report
     assert "training beside a running teacher pass: " in done.stdout
+
+
+def test_length_buckets_times_both_settings_on_the_same_batches(kvqa_dir, tmp_path):
+    from ckd_ray.models import build_preset, save_model
+
+    for role in ("student", "ta", "teacher"):
+        save_model(build_preset(f"tiny-{role}", seed=0), tmp_path / role, kvqa_dir / "processor")
+    done = _run("benchmarks/bench_length_buckets.py", "--benchmark-root", str(kvqa_dir), "--models", str(tmp_path), "--batches", "3")
+    table = done.stdout.split("\n\n")[-1].splitlines()
+    rows = [line.split(" | ")[:2] for line in table[2:]]
+    assert rows == [[f"| {run}", kind] for run in ("training step: student", "training step: ta", "training step: teacher",
+                                                    "teacher pass: teacher") for kind in ("instructions", "captions")]
+    padding = [float(line.rstrip(" |").split(" | ")[-2].rstrip("%")) for line in table[2:]]
+    assert all(0 <= share < 100 for share in padding)

@@ -17,15 +17,21 @@ def prompt_of(row: dict) -> np.ndarray:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows: list[dict], *, batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
-    """Greedy decoding, left-padded batches, stopping at the tokenizer's end-of-turn token."""
+    """Greedy decoding, left-padded batches, stopping at the tokenizer's end-of-turn token.
+    Batches hold prompts of similar length (the rows sorted by prompt length, answers returned
+    in the rows' order): the benchmark's prompts differ up to 3x in length, and a batch computes
+    its longest prompt for every row."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id or 0
     eos_id = model.generation_config.eos_token_id
-    answers: list[str] = []
+    all_prompts = [prompt_of(r) for r in rows]
+    order = np.argsort([len(prompt) for prompt in all_prompts], kind="stable")
+    answers: list[str | None] = [None] * len(rows)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        prompts = [prompt_of(r) for r in chunk]
+        picked = order[start : start + batch_size]
+        chunk = [rows[i] for i in picked]
+        prompts = [all_prompts[i] for i in picked]
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -42,8 +48,8 @@ def generate_answers(model, tokenizer, rows: list[dict], *, batch_size: int = 64
             pad_token_id=pad_id,
             eos_token_id=eos_id,
         )
-        for sequence in output[:, width:]:
-            answers.append(tokenizer.decode(sequence, skip_special_tokens=True).strip())
+        for index, sequence in zip(picked, output[:, width:]):
+            answers[index] = tokenizer.decode(sequence, skip_special_tokens=True).strip()
     return answers
 
 
