@@ -239,6 +239,52 @@ def test_experiment_rows_see_the_same_distinct_samples_per_hop_level_as_the_rows
     assert sum(prefixes["llava-kd"].values()) - prefixes["llava-kd"]["captions"] == 854
 
 
+def test_a_top_down_row_from_the_shared_ta_trains_what_its_own_plan_would(kvqa_dir):
+    """`share_top_down_ta`: the shared run is the row's first stage (T->TA) with the first seed, and
+    a seed's row from it is the second stage (TA->S) from that TA, its student reading the very
+    records, in the same order, that the whole plan's student reads (no Ray)."""
+    from ckd_ray.cascade.datasets import StepData
+    from ckd_ray.cascade.experiment import _from_shared_ta, _run_config, _shared_ta_config, load_experiment
+
+    presets = [f"models.{role}.{key}={value}" for role in ("student", "ta", "teacher")
+               for key, value in (("preset", f"tiny-{role}"), ("path", "null"), ("prepare", "null"))]
+    experiment, base = load_experiment(REPO / "configs" / "kvqa_table.yaml", [f"data.benchmark_root={kvqa_dir}", *presets])
+    run = next(r for r in experiment.runs if r.plan == "top_down")
+    teachers = {"ta": "preset", "teacher": "preset"}
+    catalogs: dict = {}
+
+    def reads(raw: dict, learner: str):
+        job = validate_config(raw)
+        plan = [p for p in build_plan(job) if p.learner == learner]
+        planned = StepData(job, job.run_uri, catalogs).planned_reads(plan)
+        return job, [(p.step.kind, planned[p.step_id].labels.tolist(), planned[p.step_id].ordinals.tolist()) for p in plan]
+
+    own_first = _run_config(base, experiment, run, experiment.seeds[0], teachers)
+    shared_job, shared_ta_reads = reads(_shared_ta_config(base, experiment, run, teachers), "ta")
+    assert shared_job.name == f"kvqa-table-{run.name}-ta" and shared_job.seed == experiment.seeds[0]
+    assert [(s.learner, s.teacher) for s in shared_job.cascade.resolved_stages()] == [("ta", "teacher")]
+    assert shared_ta_reads == reads(own_first, "ta")[1]  # the first seed's row's TA steps, record for record
+    for seed in experiment.seeds[1:]:
+        own = _run_config(base, experiment, run, seed, teachers)
+        from_shared, student_reads = reads(_from_shared_ta(own, run, str(kvqa_dir / "distilled-ta")), "student")
+        assert [(s.learner, s.teacher) for s in from_shared.cascade.resolved_stages()] == [("student", "ta")]
+        assert from_shared.models["ta"].path == str(kvqa_dir / "distilled-ta") and from_shared.seed == seed
+        assert from_shared.trainer.max_steps == validate_config(own).trainer.max_steps == 160
+        assert student_reads == reads(own, "student")[1] and len(student_reads) == 3
+
+
+def test_warm_row_workers_refuse_rows_of_several_workers_before_any_actor_starts():
+    from ckd_ray.cascade.experiment import ExperimentConfig, _row_workers, _RowSetup
+    from ckd_ray.errors import ConfigError
+
+    experiment = ExperimentConfig(kind="experiment", name="t", base="b.yaml", seeds=[0], warm_workers=True, parallel_runs=2,
+                                  runs=[{"name": "kd", "plan": "single_teacher"}])
+    base = {"data": {"benchmark_root": "benchmark"}, "trainer": {"num_workers": 2},
+            "models": {role: {"preset": f"tiny-{role}"} for role in ("student", "ta", "teacher")}}
+    with pytest.raises(ConfigError, match=r"warm_workers.*\[2\] workers.*trainer.num_workers: 1"):
+        _row_workers(_RowSetup(experiment, base, {"ta": "preset", "teacher": "preset"}, [], side_by_side=True))
+
+
 def _manifest(run: Path) -> dict:
     path = run / "manifest.json"
     return json.loads(path.read_text()) if path.exists() else {"steps": {}}

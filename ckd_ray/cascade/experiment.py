@@ -14,9 +14,10 @@ level) each row's student had, and where the time went.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Literal
@@ -24,7 +25,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr
 
 from ckd_ray import storage
-from ckd_ray.config.cascade import PLAN_NAMES, PlanName
+from ckd_ray.config.cascade import PLAN_NAMES, PlanName, plan_stages
 from ckd_ray.section import Section
 from ckd_ray.config.loader import deep_merge, read_yaml, validate_config
 from ckd_ray.errors import ConfigError, Problem
@@ -82,6 +83,18 @@ class ExperimentConfig(Section):
     cores the three-seed table took 37 min at 2 against about 47 one at a time. Their scores are
     those of 1-CPU workers, which may differ in the last digits from a 2-CPU run's where torch
     sums in another order."""
+    warm_workers: bool = False
+    """Each run trains in one of `parallel_runs` warm row workers (Ray actors shaped as the rows'
+    one worker, `RowWorker`) that take the runs one after another, instead of in a worker group of
+    its own: no group start per run (15 to 30 s on 2 cores), and the imports, DeepSpeed and the
+    process group stay loaded. One-worker rows only; a worker that dies fails its run instead of
+    restarting from its checkpoint (rerunning the command resumes at the step)."""
+    share_top_down_ta: bool = False
+    """Top-down rows: the TA distilled from the teacher (the plan's first stage, T->TA) is trained
+    once, with the first seed, in a run of its own (`<name>-<row>-ta`), and every seed's student
+    learns from it (TA->S), as the prepared teachers are shared. It saves the TA's training on
+    every seed but the first (on 2 cores about 2.5 min each); the row's spread over seeds then
+    leaves out the noise of the TA's own training."""
     _command_overrides: list[str] = PrivateAttr(default_factory=list)
     """`--set` overrides of the command line, applied to every run last (see `load_experiment`)."""
 
@@ -158,6 +171,24 @@ def _run_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, se
     return raw
 
 
+def _with_stages(raw: dict, stages: list) -> dict:
+    cascade = {key: value for key, value in raw["cascade"].items() if key != "plan"}
+    return {**raw, "cascade": {**cascade, "stages": [stage.model_dump(mode="json", exclude_defaults=True) for stage in stages]}}
+
+
+def _shared_ta_config(base: dict, experiment: ExperimentConfig, run: ExperimentRun, teachers: dict) -> dict:
+    """The run that distils a top-down row's TA once (`share_top_down_ta`): the plan's first stage
+    (T->TA) with the first seed, at the row's per-step budget: what that seed's row would train."""
+    raw = _with_stages(_run_config(base, experiment, run, experiment.seeds[0], teachers), plan_stages(run.plan)[:1])
+    return {**raw, "name": f"{experiment.name}-{run.name}-ta"}
+
+
+def _from_shared_ta(raw: dict, run: ExperimentRun, ta_uri: str) -> dict:
+    """A top-down row's run from the shared distilled TA: the plan's second stage (TA->S) only."""
+    raw = _with_stages(raw, plan_stages(run.plan)[1:])
+    return {**raw, "models": {**raw["models"], "ta": {"path": ta_uri}}}
+
+
 def _prepared_base(base: dict, experiment: ExperimentConfig) -> dict:
     """The job the TA and the teacher are prepared from, once for every seed (the rows differ only
     in how the student learns); each role's run is shared with any later run of the same recipe
@@ -187,10 +218,7 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     name>/`: mean and spread over seeds, the paired bootstrap of the differences the papers
     claim and of the teacher > TA > student-alone ladder, the per-seed tables, and where the
     time went. Returns the table URI."""
-    from ckd_ray.cascade.datasets import StepData, distinct_samples
-    from ckd_ray.cascade.manifest import Manifest
-    from ckd_ray.cascade.plan import build_plan
-    from ckd_ray.cascade.prepared import copy_teacher_scores, prepare_once
+    from ckd_ray.cascade.prepared import prepare_once
     from ckd_ray.cascade.runner import run_cascade
     from ckd_ray.cascade.session import check_model_folders, connect_ray, raise_storage_problems
 
@@ -219,27 +247,35 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     catalogs: dict = {}  # one catalog pass per source for every row's planned reads
     side_by_side = experiment.parallel_runs > 1
 
+    shared_tas: dict[str, tuple[str, dict]] = {}
+    shared_lock = threading.Lock()
+    rows_setup = _RowSetup(experiment, base, teachers, list(prepared.values()), side_by_side)
+    workers = _row_workers(rows_setup) if experiment.warm_workers else None
+
+    def shared_top_down_ta(run: ExperimentRun, row_log) -> tuple[str, dict | None]:
+        """The row's TA distilled once (`share_top_down_ta`): its export, and the recorded seconds of
+        its run for the one caller that ran it (None for the others)."""
+        with shared_lock:  # the first top-down run trains it; the others wait for it
+            if run.name in shared_tas:
+                return shared_tas[run.name][0], None
+            if workers is None:
+                shared_tas[run.name] = rows_setup.shared_ta(run, row_log)
+            else:
+                shared_tas[run.name] = workers.call("shared_ta", run)
+            return shared_tas[run.name]
+
     def run_one(seed: int, run: ExperimentRun) -> dict:
-        job = validate_config(_run_config(base, experiment, run, seed, teachers))
-        row_log = (lambda line: log(f"[{run.name} s{seed}] {line}")) if side_by_side else log
         log(f"[experiment] seed {seed}: {run.name} ({run.plan})")
-        copy_teacher_scores(job, prepared.values())
         clock = time.perf_counter()
-        # Side by side, one bar per run would overwrite the other's: the step lines show progress.
-        run_cascade(job, log=row_log, progress=not side_by_side)
-        wall = time.perf_counter() - clock
-        manifest = Manifest.open(job.run_uri, job)
-        student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")][-1]
-        plan = build_plan(job)
-        reads = StepData(job, job.run_uri, catalogs).planned_reads(plan)
-        stages = {}
-        if run.plan in ("progressive", "end_to_end"):
-            stages = {f"{run.name}: {name.removesuffix(' (student)')}": entry["scores"]
-                      for name, entry in manifest.evaluations.items() if name.endswith("(student)")}
-        return {"scores": student["scores"], "records": _read_records(student["predictions_uri"]),
-                "steps": _student_total(manifest, "step"), "samples": _student_total(manifest, "samples_seen"),
-                "distinct": distinct_samples([reads[p.step_id] for p in plan if p.learner == "student"]),
-                "seconds": {"wall": wall, **_recorded_seconds(manifest)}, "stages": stages}
+        ta_uri, shared_ta_seconds = None, None
+        if run.plan == "top_down" and experiment.share_top_down_ta:
+            ta_uri, shared_ta_seconds = shared_top_down_ta(run, rows_setup.row_log(seed, run, log))
+        if workers is None:
+            result = rows_setup.run_row(seed, run, ta_uri, catalogs, log)
+        else:
+            result = workers.call("run_row", seed, run, ta_uri)
+        seconds = {"wall": time.perf_counter() - clock, **_add_seconds(result.pop("recorded"), shared_ta_seconds)}
+        return {**result, "seconds": seconds}
 
     clock = time.perf_counter()
     work = [(seed, run) for seed in experiment.seeds for run in experiment.runs]
@@ -265,6 +301,115 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     }, indent=2).encode())
     log(table)
     return storage.join(root, "table.md")
+
+
+@dataclass
+class _RowSetup:
+    """What every run of an experiment starts from: it runs one row of one seed, or the shared
+    distilled TA, on the driver or in a warm row worker (`warm_workers`)."""
+
+    experiment: ExperimentConfig
+    base: dict
+    teachers: dict[str, str]
+    prepared: list
+    side_by_side: bool
+    in_process: bool = False
+
+    def row_log(self, seed: int, run: ExperimentRun, log=print):
+        return (lambda line: log(f"[{run.name} s{seed}] {line}")) if self.side_by_side else log
+
+    def shared_ta(self, run: ExperimentRun, log=print) -> tuple[str, dict]:
+        """Distils the row's TA once (`share_top_down_ta`): its export and its run's recorded seconds."""
+        from ckd_ray.cascade.manifest import Manifest
+        from ckd_ray.cascade.runner import run_cascade
+
+        job = validate_config(_shared_ta_config(self.base, self.experiment, run, self.teachers))
+        log(f"the TA distilled from the teacher once, with seed {self.experiment.seeds[0]}, for every seed: {job.run_uri}")
+        run_cascade(job, log=log, progress=not self.side_by_side, in_process=self.in_process)
+        manifest = Manifest.open(job.run_uri, job)
+        return manifest.roles["ta"], _recorded_seconds(manifest)
+
+    def run_row(self, seed: int, run: ExperimentRun, ta_uri: str | None, catalogs: dict, log=print) -> dict:
+        """Runs one row of one seed (from the shared distilled TA `ta_uri`, if given); returns its
+        student's scores and answers, budget, distinct samples and recorded seconds."""
+        from ckd_ray.cascade.datasets import StepData, distinct_samples
+        from ckd_ray.cascade.manifest import Manifest
+        from ckd_ray.cascade.plan import build_plan
+        from ckd_ray.cascade.prepared import copy_teacher_scores
+        from ckd_ray.cascade.runner import run_cascade
+
+        raw = _run_config(self.base, self.experiment, run, seed, self.teachers)
+        if ta_uri is not None:
+            raw = _from_shared_ta(raw, run, ta_uri)
+        job = validate_config(raw)
+        # The prepared roles' scores, but not the prepared TA's where the row's TA is the distilled one
+        copy_teacher_scores(job, [done for done in self.prepared if not (ta_uri is not None and done.role == "ta")])
+        # Side by side, one bar per run would overwrite the other's: the step lines show progress.
+        run_cascade(job, log=self.row_log(seed, run, log), progress=not self.side_by_side, in_process=self.in_process)
+        manifest = Manifest.open(job.run_uri, job)
+        student = [e for name, e in manifest.evaluations.items() if name.endswith("(student)")][-1]
+        plan = build_plan(job)
+        reads = StepData(job, job.run_uri, catalogs).planned_reads(plan)
+        stages = {}
+        if run.plan in ("progressive", "end_to_end"):
+            stages = {f"{run.name}: {name.removesuffix(' (student)')}": entry["scores"]
+                      for name, entry in manifest.evaluations.items() if name.endswith("(student)")}
+        return {"scores": student["scores"], "records": _read_records(student["predictions_uri"]),
+                "steps": _student_total(manifest, "step"), "samples": _student_total(manifest, "samples_seen"),
+                "distinct": distinct_samples([reads[p.step_id] for p in plan if p.learner == "student"]),
+                "recorded": _recorded_seconds(manifest), "stages": stages}
+
+
+class RowWorker:
+    """A warm row worker (`warm_workers`): a Ray actor holding one worker's CPUs (and GPU) that
+    runs experiment runs one after another, training each in its own process
+    (`run_cascade(in_process=True)`): no worker group starts per run, and torch, transformers,
+    DeepSpeed and the process group stay loaded from run to run."""
+
+    def __init__(self, setup: _RowSetup):
+        self.setup = replace(setup, in_process=True)
+        self.catalogs: dict = {}
+
+    def run_row(self, seed: int, run: ExperimentRun, ta_uri: str | None) -> dict:
+        return self.setup.run_row(seed, run, ta_uri, self.catalogs)
+
+    def shared_ta(self, run: ExperimentRun) -> tuple[str, dict]:
+        return self.setup.shared_ta(run, self.setup.row_log(self.setup.experiment.seeds[0], run))
+
+
+class _RowWorkers:
+    """`parallel_runs` warm row workers; a call takes a free one and gives it back."""
+
+    def __init__(self, actors: list):
+        self.free: queue.Queue = queue.Queue()
+        for actor in actors:
+            self.free.put(actor)
+
+    def call(self, method: str, *args):
+        import ray
+
+        actor = self.free.get()
+        try:
+            return ray.get(getattr(actor, method).remote(*args))
+        finally:
+            self.free.put(actor)
+
+
+def _row_workers(setup: _RowSetup) -> _RowWorkers:
+    """The warm row workers, each shaped as the rows' one worker (`trainer.cpus_per_worker`, a
+    GPU with `trainer.use_gpu`). Refuses rows of several workers: a warm worker is one process."""
+    import ray
+
+    experiment = setup.experiment
+    trainers = [validate_config(_run_config(setup.base, experiment, run, experiment.seeds[0], setup.teachers)).trainer
+                for run in experiment.runs]
+    several = sorted({trainer.num_workers for trainer in trainers if trainer.num_workers != 1})
+    if several:
+        raise ConfigError([Problem("warm_workers", f"the rows train on {several} workers; a warm row worker is one process",
+                                   "set trainer.num_workers: 1, or warm_workers: false")], f"experiment {experiment.name}")
+    trainer = trainers[0]
+    actor = ray.remote(num_cpus=trainer.cpus_per_worker, num_gpus=1 if trainer.use_gpu else 0, max_restarts=0)(RowWorker)
+    return _RowWorkers([actor.remote(setup) for _ in range(experiment.parallel_runs)])
 
 
 def run_side_by_side(work: list[tuple], run_one, parallel: int, log=print) -> dict:
@@ -322,6 +467,10 @@ def _student_total(manifest, metric: str) -> int:
     `samples_seen`): plans differ in how many steps they run, so the table shows each row's
     training budget next to its scores."""
     return int(sum(entry.get("metrics", {}).get(metric, 0) for entry in manifest.steps.values() if entry.get("learner") == "student"))
+
+
+def _add_seconds(recorded: dict[str, float], more: dict[str, float] | None) -> dict[str, float]:
+    return recorded if more is None else {key: value + more[key] for key, value in recorded.items()}
 
 
 def _recorded_seconds(manifest) -> dict[str, float]:
@@ -411,7 +560,11 @@ def _table(experiment: ExperimentConfig, rows: dict[str, _Row], stage_rows: dict
              "distinct: the different training samples among them (captions; instructions per hop level), as planned; "
              "preservation: the student's headline over the prepared teacher's. `grounded` (the headline): accuracy above the "
              "question-only answerer per question type, as a share of what it left, averaged over types (0: no better than "
-             "reading the question); `margin`: accuracy minus question-only accuracy.", "", header, rule]
+             "reading the question); `margin`: accuracy minus question-only accuracy."
+             + (f" Top-down: the TA distilled from the teacher once, with seed {seeds[0]}, and every seed's student learns "
+                "from it (`share_top_down_ta`), so its spread leaves out the TA's own training noise."
+                if experiment.share_top_down_ta and any(run.plan == "top_down" for run in experiment.runs) else ""),
+             "", header, rule]
     for name, scores in baselines.items():
         cells = " | ".join(f"{scores.get(m, 0):.3f}" for m in TABLE_METRICS)
         lines.append(f"| baseline: {name.replace('_', '-')} | - | {no_budget} | {cells} | - |")
@@ -474,7 +627,12 @@ def _time_lines(experiment: ExperimentConfig, rows: dict[str, _Row], times: dict
              f"{times['statistics']:.0f} s). Recorded: seconds each run logged when its steps and evaluations ran, summed "
              f"over seeds; training is everything of a step but its teacher pass and the worker group's start."
              + (f" The runs took {times['runs']:,.0f} s, {experiment.parallel_runs} side by side (`parallel_runs`): their wall "
-                f"times below overlap." if experiment.parallel_runs > 1 and "runs" in times else ""), "",
+                f"times below overlap." if experiment.parallel_runs > 1 and "runs" in times else "")
+             + (" Each run trained in one of the warm row workers (`warm_workers`): its worker start is the step's wait for "
+                "its first event, not a group's start; a row's worker groups are the segments it trained."
+                if experiment.warm_workers else "")
+             + (" Top-down's recorded seconds include its shared TA run once (`share_top_down_ta`)."
+                if experiment.share_top_down_ta else ""), "",
              "| part | wall, this command (s) | " + " | ".join(f"recorded {p.replace('_', ' ')}" + ("" if p == "worker_groups" else " (s)")
                                                         for p in TIME_PARTS) + " |",
              "|---|---:|" + "---:|" * len(TIME_PARTS),

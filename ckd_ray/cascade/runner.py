@@ -36,10 +36,13 @@ class CascadeResult:
     seconds: float
 
 
-def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driver: bool = True) -> CascadeResult:
+def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driver: bool = True,
+                in_process: bool = False) -> CascadeResult:
     """Runs the job's plan; returns where its outputs are. Consecutive steps share one worker
     group (see `ckd_ray.cascade.steps.split_segments`); `progress` shows a bar per step;
-    `log_to_driver` as in `connect_ray`."""
+    `log_to_driver` as in `connect_ray`. `in_process` (one worker) trains in this process
+    instead of a worker group (`run_steps`): no group to start, but no restart of a failed
+    worker either (a rerun resumes at the step)."""
     from ckd_ray.observability.metrics import CascadeMetrics
     from ckd_ray.report import write_report
     from ckd_ray.report.markdown import command_share
@@ -65,7 +68,7 @@ def run_cascade(job: JobConfig, *, log=print, progress: bool = True, log_to_driv
             else:
                 pending.append(planned)
         if pending:
-            _train_segment(job, plan, segment, pending, manifest, data, histories, metrics, log, progress)
+            _train_segment(job, plan, segment, pending, manifest, data, histories, metrics, log, progress, in_process)
             trained_now += [planned.step_id for planned in pending]
     command = {"seconds": time.perf_counter() - ray_started, "steps": trained_now}
     report_uri = write_report(run_uri, manifest, histories, metrics_note=_metrics_note(job), command=command)
@@ -81,7 +84,7 @@ def _label(plan: list[PlannedStep], planned: PlannedStep) -> str:
 
 
 def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: list[PlannedStep], manifest: Manifest, data: StepData, histories, metrics,
-                   log, progress: bool) -> None:
+                   log, progress: bool, in_process: bool = False) -> None:
     """Prepares the segment's steps on the driver (data plans, and the teacher passes whose
     teachers exist), then trains them on one worker group, recording each step in the manifest
     as the group reports it. The passes of teachers the group trains itself (and, with
@@ -131,7 +134,7 @@ def _train_segment(job: JobConfig, plan, segment: list[PlannedStep], pending: li
     steps = [prepared[p.step_id].train_step for p in pending]
     teacher_passes = TeacherPasses(passes, job.teacher_pool.concurrent_passes)
     try:
-        results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event)
+        results = run_steps(job.trainer, steps, storage_uri=run_uri, name=segment_name, on_event=on_event, in_process=in_process)
     except BaseException:
         teacher_passes.stop()  # passes still waiting for a teacher the group will not export
         if teacher_passes.errors:  # workers that waited for a failed pass stop with its error: name the pass's own

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from ckd_ray import storage
 from ckd_ray.errors import require_ray
@@ -89,7 +90,8 @@ def run_steps(
     wraps `ckd_ray.train.loop.train_worker` (the default) where a caller needs more on the workers (Tune); `loop_config` adds to
     its config.
 
-    `in_process` (one worker only) runs the loop in this process instead: no controller, no
+    `in_process` (one worker only) runs the loop in this process instead (on a helper thread
+    while this one relays `on_event`'s events; on this thread without it): no controller, no
     worker actor, no restarts, and no trainer callbacks (the loop's `on_report` sees each
     report). A one-worker Tune trial uses it, so that its trial actor, which Tune reuses from
     trial to trial with its imports warm, is the worker. Ray Train's own local mode
@@ -107,20 +109,24 @@ def run_steps(
                    "validation": validation}
     datasets = {f"train-{index}": step.train_dataset for index, step in enumerate(steps)}
     if in_process:
-        worker_loop(loop_config, _in_process_session(datasets, storage.join(storage_uri, name), trainer_config.use_gpu))
-        return [read_step_result(step.plan, storage_uri, name) for step in steps]
-    trainer = build_trainer(
-        trainer_config, worker_loop, loop_config, storage_uri=storage_uri, name=name, datasets=datasets,
-        max_failures=trainer_config.max_failures if max_failures is None else max_failures,
-        keep_checkpoints=trainer_config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
-        callbacks=callbacks,
-    )
+        session = _in_process_session(datasets, storage.join(storage_uri, name), trainer_config.use_gpu)
+        if on_event is None:  # on this thread: a Tune trial's reports must come from the trial's own thread
+            worker_loop(loop_config, session)
+            return [read_step_result(step.plan, storage_uri, name) for step in steps]
+        train = partial(worker_loop, loop_config, session)
+    else:
+        train = build_trainer(
+            trainer_config, worker_loop, loop_config, storage_uri=storage_uri, name=name, datasets=datasets,
+            max_failures=trainer_config.max_failures if max_failures is None else max_failures,
+            keep_checkpoints=trainer_config.keep_checkpoints if keep_checkpoints is None else keep_checkpoints,
+            callbacks=callbacks,
+        ).fit
     started = time.perf_counter()
     outcome: dict = {}
 
-    def fit() -> None:
+    def fit() -> None:  # the loop (in process) or the Train run, on a helper thread while this one relays events
         try:
-            outcome["result"] = trainer.fit()
+            outcome["result"] = train()
         except BaseException as err:  # re-raised on the caller's thread
             outcome["error"] = err
 
