@@ -80,9 +80,9 @@ class ExperimentConfig(Section):
     runs share the cores one run would have had; the teachers' preparation keeps the base
     config's (and its recipe). The cores stay busy either way (a student's worker spends about
     90% of its time in forward and backward), so the gain is what one run leaves idle: on 2
-    cores the three-seed table took 37 min at 2 against about 47 one at a time. Their scores are
-    those of 1-CPU workers, which may differ in the last digits from a 2-CPU run's where torch
-    sums in another order."""
+    cores the three-seed table took 37 min at 2 against about 47 one at a time (at ef891a1,
+    before length groups and `warm_workers`). Their scores are those of 1-CPU workers, which may
+    differ in the last digits from a 2-CPU run's where torch sums in another order."""
     warm_workers: bool = False
     """Each run trains in one of `parallel_runs` warm row workers (Ray actors shaped as the rows'
     one worker, `RowWorker`) that take the runs one after another, instead of in a worker group of
