@@ -250,18 +250,16 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
     shared_tas: dict[str, tuple[str, dict]] = {}
     shared_lock = threading.Lock()
     rows_setup = _RowSetup(experiment, base, teachers, list(prepared.values()), side_by_side)
-    workers = _row_workers(rows_setup) if experiment.warm_workers else None
+    # Each run on a warm row worker, or on this driver's thread (sharing its catalogs and log)
+    workers = _row_workers(rows_setup) if experiment.warm_workers else _RowWorkers([RowWorker(rows_setup, catalogs, log)], remote=False)
 
-    def shared_top_down_ta(run: ExperimentRun, row_log) -> tuple[str, dict | None]:
+    def shared_top_down_ta(run: ExperimentRun) -> tuple[str, dict | None]:
         """The row's TA distilled once (`share_top_down_ta`): its export, and the recorded seconds of
         its run for the one caller that ran it (None for the others)."""
         with shared_lock:  # the first top-down run trains it; the others wait for it
             if run.name in shared_tas:
                 return shared_tas[run.name][0], None
-            if workers is None:
-                shared_tas[run.name] = rows_setup.shared_ta(run, row_log)
-            else:
-                shared_tas[run.name] = workers.call("shared_ta", run)
+            shared_tas[run.name] = workers.call("shared_ta", run)
             return shared_tas[run.name]
 
     def run_one(seed: int, run: ExperimentRun) -> dict:
@@ -269,11 +267,8 @@ def run_experiment(experiment: ExperimentConfig, base: dict, log=print) -> str:
         clock = time.perf_counter()
         ta_uri, shared_ta_seconds = None, None
         if run.plan == "top_down" and experiment.share_top_down_ta:
-            ta_uri, shared_ta_seconds = shared_top_down_ta(run, rows_setup.row_log(seed, run, log))
-        if workers is None:
-            result = rows_setup.run_row(seed, run, ta_uri, catalogs, log)
-        else:
-            result = workers.call("run_row", seed, run, ta_uri)
+            ta_uri, shared_ta_seconds = shared_top_down_ta(run)
+        result = workers.call("run_row", seed, run, ta_uri)
         seconds = {"wall": time.perf_counter() - clock, **_add_seconds(result.pop("recorded"), shared_ta_seconds)}
         return {**result, "seconds": seconds}
 
@@ -361,31 +356,35 @@ class _RowSetup:
 
 
 class RowWorker:
-    """A warm row worker (`warm_workers`): a Ray actor holding one worker's CPUs (and GPU) that
-    runs experiment runs one after another, training each in its own process
+    """Runs experiment rows one after another. As a warm row worker (`warm_workers`) it is a Ray
+    actor holding one worker's CPUs (and GPU) whose setup trains each run in its own process
     (`run_cascade(in_process=True)`): no worker group starts per run, and torch, transformers,
-    DeepSpeed and the process group stay loaded from run to run."""
+    DeepSpeed and the process group stay loaded from run to run. Without, it runs on the driver."""
 
-    def __init__(self, setup: _RowSetup):
-        self.setup = replace(setup, in_process=True)
-        self.catalogs: dict = {}
+    def __init__(self, setup: _RowSetup, catalogs: dict | None = None, log=None):
+        # `log` None: this process's print (a driver's print may not pickle: the CLI replaces it)
+        self.setup, self.catalogs, self.log = setup, {} if catalogs is None else catalogs, log or print
 
     def run_row(self, seed: int, run: ExperimentRun, ta_uri: str | None) -> dict:
-        return self.setup.run_row(seed, run, ta_uri, self.catalogs)
+        return self.setup.run_row(seed, run, ta_uri, self.catalogs, self.log)
 
     def shared_ta(self, run: ExperimentRun) -> tuple[str, dict]:
-        return self.setup.shared_ta(run, self.setup.row_log(self.setup.experiment.seeds[0], run))
+        return self.setup.shared_ta(run, self.setup.row_log(self.setup.experiment.seeds[0], run, self.log))
 
 
 class _RowWorkers:
-    """`parallel_runs` warm row workers; a call takes a free one and gives it back."""
+    """Where runs go: `parallel_runs` warm row workers (`remote`: a call takes a free one and
+    gives it back), or one `RowWorker` on the driver that every run thread calls directly."""
 
-    def __init__(self, actors: list):
+    def __init__(self, workers: list, remote: bool = True):
+        self.remote, self.local = remote, workers[0]
         self.free: queue.Queue = queue.Queue()
-        for actor in actors:
-            self.free.put(actor)
+        for worker in workers:
+            self.free.put(worker)
 
     def call(self, method: str, *args):
+        if not self.remote:
+            return getattr(self.local, method)(*args)
         import ray
 
         actor = self.free.get()
@@ -409,7 +408,7 @@ def _row_workers(setup: _RowSetup) -> _RowWorkers:
                                    "set trainer.num_workers: 1, or warm_workers: false")], f"experiment {experiment.name}")
     trainer = trainers[0]
     actor = ray.remote(num_cpus=trainer.cpus_per_worker, num_gpus=1 if trainer.use_gpu else 0, max_restarts=0)(RowWorker)
-    return _RowWorkers([actor.remote(setup) for _ in range(experiment.parallel_runs)])
+    return _RowWorkers([actor.remote(replace(setup, in_process=True)) for _ in range(experiment.parallel_runs)])
 
 
 def run_side_by_side(work: list[tuple], run_one, parallel: int, log=print) -> dict:

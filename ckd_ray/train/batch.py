@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ckd_ray.models.buckets import forward_by_length
+
 
 @dataclass
 class StudentBatch:
@@ -35,8 +37,6 @@ class StudentBatch:
     def forward(self, model, max_buckets: int, **options):
         """`model`'s forward over this batch in at most `max_buckets` groups of rows of similar
         length (`ckd_ray.models.buckets`): the padded batch's outputs, less the padding's compute."""
-        from ckd_ray.models.buckets import forward_by_length
-
         row_lengths, pixel_rows = self.row_lengths, self.pixel_rows
         if row_lengths is None:
             row_lengths = self.attention_mask_BL.sum(dim=1).cpu().numpy()  # host sync
